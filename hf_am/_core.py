@@ -1,0 +1,531 @@
+"""Machinery shared by AM-AdamW and AM-SGD.
+
+A step has two phases.  Phase 1 (optimizer specific) turns every tensor into
+three partial sums.  In between, this module adds them up per *scope*, runs the
+one collective sharded parameters need, and evaluates :func:`adaptive_beta`.
+Phase 2 (optimizer specific) applies the update with the per-tensor coefficient.
+Everything between the phases is tensor arithmetic, so ``step()`` never waits
+for the device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any, Dict, Hashable, List, Optional, Sequence
+
+import torch
+
+from ._beta import adaptive_beta, effective_momentum
+from ._sharding import (
+    all_reduce_sum,
+    gather_objects,
+    local_view,
+    optional_numel,
+    reduction_groups,
+)
+
+SCOPES = ("model", "group", "tensor")
+LOSS_ESTIMATES = ("linear", "exact")
+
+# Scalar state kept per parameter (replicated over the parameters of a scope, so
+# every piece of state travels with its parameter when checkpoints are resharded).
+PROD = "am_prod"  # product of the effective coefficients (AM-AdamW bias correction)
+BETA = "am_beta"  # the scope's beta of the latest step
+RESTARTS = "am_restarts"  # number of momentum restarts of the scope so far
+PREV_LOSS = "am_prev_loss"  # loss of the previous step (loss_estimate="exact")
+# Param-group keys.
+PREV_LR = "am_prev_lr"
+INIT_TENSORS = "am_init_tensors"
+INIT_NUMEL = "am_init_numel"
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums accumulate in float32, or float64 for float64 parameters."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_range(name: str, value, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) or (
+        isinstance(value, torch.Tensor) and value.numel() == 1
+    )
+
+
+@dataclass
+class GroupPlan:
+    """What one step does with one param group (built before anything is mutated)."""
+
+    group: Dict[str, Any]
+    params: List[torch.Tensor]  # the optimizer's parameters (maybe DTensors)
+    local_params: List[torch.Tensor]
+    local_grads: List[torch.Tensor]  # an empty shard without a gradient gets an empty zero tensor
+    scope_ids: List[int] = field(default_factory=list)
+    keys: List[Hashable] = field(default_factory=list)
+    groups_for_key: Dict[Hashable, Sequence] = field(default_factory=dict)
+    scratch: Any = None  # what phase 1 leaves for phase 2 (e.g. AdamW's denominators)
+
+
+class AMOptimizer(torch.optim.Optimizer):
+    """Base class: validation, scopes, sharded sums, statistics, checkpoints."""
+
+    #: state key of the momentum buffer (``exp_avg`` / ``momentum_buffer``)
+    momentum_key: str = ""
+    #: param-group key holding ``beta_max``
+    beta_max_key: str = ""
+
+    def __init__(
+        self,
+        params,
+        defaults: Dict[str, Any],
+        *,
+        scope: str,
+        loss_estimate: str,
+        process_group=None,
+    ):
+        if scope not in SCOPES:
+            raise ValueError(f"Invalid scope: {scope!r} (allowed: {', '.join(map(repr, SCOPES))})")
+        if loss_estimate not in LOSS_ESTIMATES:
+            raise ValueError(
+                f"Invalid loss_estimate: {loss_estimate!r} (allowed: {', '.join(map(repr, LOSS_ESTIMATES))})"
+            )
+        if loss_estimate == "exact" and scope != "model":
+            raise ValueError(
+                f"loss_estimate='exact' needs scope='model', got scope={scope!r}: the loss is one "
+                "number for the whole model, so only a model-wide scope has an exact loss difference"
+            )
+        self.scope = scope
+        self.loss_estimate = loss_estimate
+        self.process_group = process_group
+        self._verified_signatures: set = set()
+        self._device_constants: Dict[Any, torch.Tensor] = {}
+        self._scope_reps: Dict[Hashable, Dict[str, Any]] = {}
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups
+    def _validate_group(self, group: Dict[str, Any]) -> None:
+        """Optimizer-specific checks; subclasses extend and call super()."""
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            if lr.numel() != 1:
+                raise ValueError(f"Invalid learning rate: a tensor lr must have one element, got shape {tuple(lr.shape)}")
+        else:
+            _check_range("learning rate", lr, _is_real(lr) and lr >= 0.0, "lr >= 0")
+        wd = group["weight_decay"]
+        _check_range("weight_decay", wd, _is_real(wd) and wd >= 0.0, "weight_decay >= 0")
+        lam = group["lam"]
+        _check_range("lam", lam, _is_real(lam) and lam >= 0.0, "lam >= 0")
+        beta_max = group[self.beta_max_key]
+        beta_min = group["beta_min"]
+        name = "betas[0] (beta_max)" if self.beta_max_key == "betas" else f"{self.beta_max_key} (beta_max)"
+        bmax = beta_max[0] if self.beta_max_key == "betas" else beta_max
+        _check_range(name, bmax, _is_real(bmax) and 0.0 <= bmax < 1.0, "0 <= beta_max < 1")
+        _check_range("beta_min", beta_min, _is_real(beta_min) and 0.0 <= beta_min <= bmax, f"0 <= beta_min <= beta_max = {bmax}")
+        threshold = group["restart_threshold"]
+        if threshold is not None:
+            _check_range(
+                "restart_threshold", threshold, _is_real(threshold) and 0.0 < threshold <= 1.0, "None or 0 < restart_threshold <= 1"
+            )
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate_group(group)
+        except Exception:
+            self.param_groups.pop()
+            raise
+        for p in group["params"]:
+            if p.is_complex():
+                self.param_groups.pop()
+                raise TypeError(f"AM optimizers support real parameters only, got a {p.dtype} parameter")
+        # Remember the group's shape before anybody (DeepSpeed) flattens it, so a
+        # scope that a wrapper splits across step() calls can be detected.
+        group.setdefault(INIT_TENSORS, len(group["params"]))
+        group.setdefault(INIT_NUMEL, sum(optional_numel(p) for p in group["params"]))
+        self._init_num_groups = len(self.param_groups)
+
+    def beta_max_of(self, group: Dict[str, Any]) -> float:
+        value = group[self.beta_max_key]
+        return value[0] if self.beta_max_key == "betas" else value
+
+    # -------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step; ``closure`` (re)computes the loss and gradients.
+
+        With ``loss_estimate="exact"`` the loss the closure returns replaces the
+        first-order estimate of ``f(x_t) - f(x_{t-1})``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.loss_estimate == "exact" and loss is None:
+            raise ValueError(
+                "loss_estimate='exact' needs the loss: call step(closure) with a closure that returns it"
+            )
+        plans = self._plan()
+        if not plans:
+            return loss
+        self._check_sharded_layout(plans)
+        self._init_state(plans)
+
+        # Phase 1: per-tensor partial sums [<d,d>, <g,d>, <g-d,g-d>] (metric of the optimizer).
+        partials = [self._partial_sums(plan) for plan in plans]
+        n_scopes = 1 + max(max(plan.scope_ids) for plan in plans)
+        acc = torch.float64 if any(s.dtype == torch.float64 for s in partials) else torch.float32
+        device = partials[0].device
+        exact_delta = self._loss_delta(plans, loss, acc, device)
+
+        # Weight by the learning rates (ALGORITHM.md section 2) and sum per scope.
+        by_key: Dict[Hashable, List[torch.Tensor]] = {}
+        index_by_key: Dict[Hashable, List[int]] = {}
+        groups_by_key: Dict[Hashable, Sequence] = {}
+        for plan, sums in zip(plans, partials):
+            eta = plan.group["lr"]
+            eta_prev = plan.group.get(PREV_LR, eta)
+            weight_b = eta if exact_delta is not None else eta + eta_prev
+            sums = sums.to(acc)
+            weighted = torch.stack((sums[:, 0] * eta, sums[:, 1] * weight_b, sums[:, 2] * eta), dim=1)
+            for i, key in enumerate(plan.keys):
+                by_key.setdefault(key, []).append(weighted[i])
+                index_by_key.setdefault(key, []).append(plan.scope_ids[i])
+            groups_by_key.update(plan.groups_for_key)
+        scope_sums = torch.zeros(n_scopes, 3, dtype=acc, device=device)
+        for key in sorted(by_key, key=lambda k: (k is not None, str(k))):
+            rows = torch.stack(by_key[key])
+            part = torch.zeros(n_scopes, 3, dtype=acc, device=device)
+            part.index_add_(0, self._index_tensor(index_by_key[key], device), rows)
+            if key is not None:
+                all_reduce_sum(part, groups_by_key[key])
+            scope_sums += part
+
+        # The coefficient, once per scope.
+        lam, beta_min, beta_max, threshold = self._scope_hyperparameters(plans, n_scopes, acc, device)
+        beta = adaptive_beta(scope_sums[:, 0], scope_sums[:, 1], scope_sums[:, 2], lam, beta_min, beta_max, exact_delta)
+        if threshold is None:
+            restart = torch.zeros_like(beta)
+            beta_step = beta_used = beta
+        else:  # non-adaptive momentum, reset when the adaptive beta drops (ALGORITHM.md section 5)
+            restart = (beta < threshold).to(acc)
+            beta_step = torch.full_like(beta, beta_max) if isinstance(beta_max, float) else beta_max.clone()
+            beta_used = beta_step * (1.0 - restart)  # reported: 0 on a restart step (no memory kept)
+        beta_eff = effective_momentum(beta_step, lam)
+
+        # Phase 2: the update, then the bookkeeping the next step needs.
+        for plan in plans:
+            idx = self._index_tensor(plan.scope_ids, device)
+            self._apply_update(plan, beta_eff.index_select(0, idx), restart.index_select(0, idx))
+            self._record(plan, beta_used.index_select(0, idx), restart.index_select(0, idx), loss, acc)
+            plan.group[PREV_LR] = plan.group["lr"]
+        return loss
+
+    # ----------------------------------------------------------- the pieces
+    def _plan(self) -> List[GroupPlan]:
+        """Validate everything a step will touch; mutate nothing."""
+        sharded_opt = self.process_group is not None
+        plans: List[GroupPlan] = []
+        scope_counter = 0
+        call_groups = [g for g in self.param_groups]
+        if self.scope == "model" and sharded_opt:
+            missing = self._init_num_groups - sum(1 for g in call_groups if g["params"] or not g[INIT_TENSORS])
+            if missing > 0:
+                raise ValueError(
+                    "scope='model' spans all parameter groups, but this step() call sees "
+                    f"{len(call_groups) - missing} of {self._init_num_groups}: the caller (DeepSpeed ZeRO) steps "
+                    "parameter groups separately. Put every parameter in one group, or use scope='group'/'tensor'"
+                )
+        for group_index, group in enumerate(call_groups):
+            if self.scope == "tensor" and sharded_opt and len(group["params"]) < group[INIT_TENSORS]:
+                raise ValueError(
+                    f"scope='tensor' needs one parameter group per tensor under a flat partition: param group "
+                    f"{group_index} had {group[INIT_TENSORS]} tensors and now holds {len(group['params'])} "
+                    "(DeepSpeed ZeRO flattened them). Build the optimizer with hf_am.param_groups_per_tensor(...)"
+                )
+            params, local_params, local_grads = [], [], []
+            for p in group["params"]:
+                grad = p.grad
+                local_p = local_view(p)
+                if grad is None:
+                    # An empty shard still takes part in the collective (with zeros).
+                    if (sharded_opt or local_p is not p) and local_p.numel() == 0:
+                        params.append(p)
+                        local_params.append(local_p)
+                        local_grads.append(torch.zeros_like(local_p))
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if grad.is_complex() or p.is_complex():
+                    raise TypeError(f"{type(self).__name__} supports real tensors only, got a {grad.dtype} gradient")
+                params.append(p)
+                local_params.append(local_p)
+                local_grads.append(local_view(grad))
+            if not params:
+                continue
+            plan = GroupPlan(group=group, params=params, local_params=local_params, local_grads=local_grads)
+            for p in params:
+                key, pgroups = reduction_groups(p, self.process_group)
+                plan.keys.append(key)
+                if key is not None:
+                    plan.groups_for_key[key] = pgroups
+            if self.scope == "model":
+                plan.scope_ids = [0] * len(params)
+            elif self.scope == "group":
+                plan.scope_ids = [scope_counter] * len(params)
+                scope_counter += 1
+            else:
+                plan.scope_ids = list(range(scope_counter, scope_counter + len(params)))
+                scope_counter += len(params)
+            plans.append(plan)
+        if self.scope == "model" and len(plans) > 1:
+            first = self._hyper_tuple(plans[0].group)
+            for plan in plans[1:]:
+                if self._hyper_tuple(plan.group) != first:
+                    raise ValueError(
+                        "scope='model' computes one beta for all parameter groups, so their lam, beta_min, "
+                        f"beta_max and restart_threshold must agree; got {first} and {self._hyper_tuple(plan.group)}"
+                    )
+        return plans
+
+    def _hyper_tuple(self, group):
+        return (group["lam"], group["beta_min"], self.beta_max_of(group), group["restart_threshold"])
+
+    def _check_sharded_layout(self, plans: List[GroupPlan]) -> None:
+        """Before the first collective of a new layout, check every rank agrees on it.
+
+        Runs (with a host sync) only when this rank's layout has not been seen
+        before, i.e. on the first step; steady-state steps run one collective.
+        """
+        keyed: Dict[Hashable, Sequence] = {}
+        for plan in plans:
+            keyed.update(plan.groups_for_key)
+        if not keyed:
+            return
+        for key, pgroups in keyed.items():
+            scope_numel: Dict[int, int] = {}
+            for plan in plans:
+                for sid, k, lp in zip(plan.scope_ids, plan.keys, plan.local_params):
+                    if k == key:
+                        scope_numel[sid] = scope_numel.get(sid, 0) + lp.numel()
+            n_scopes = 1 + max(max(plan.scope_ids) for plan in plans)
+            signature = (key, n_scopes, tuple(sorted(scope_numel)))
+            if signature in self._verified_signatures:
+                continue
+            for pg in pgroups:
+                gathered = gather_objects((n_scopes, sorted(scope_numel), scope_numel), pg)
+                counts = [g[0] for g in gathered]
+                if len(set(counts)) != 1 or len({tuple(g[1]) for g in gathered}) != 1:
+                    raise ValueError(
+                        f"Ranks disagree on the scopes of this step: numbers of scopes per rank {counts} "
+                        f"(scope={self.scope!r}). Every rank must hold the same param groups in the same order, "
+                        "with the same tensors (an empty shard is fine)"
+                    )
+            if key is not None and key[0] == "process_group":
+                self._check_not_split(plans, key, pgroups)
+            self._verified_signatures.add(signature)
+
+    def _check_not_split(self, plans, key, pgroups) -> None:
+        """Under a flat partition a group/model scope must be whole in this call."""
+        if self.scope == "tensor":
+            return
+        local = {}
+        expected = {}
+        for plan in plans:
+            sid = plan.scope_ids[0]
+            local[sid] = local.get(sid, 0) + sum(lp.numel() for lp, k in zip(plan.local_params, plan.keys) if k == key)
+            expected[sid] = expected.get(sid, 0) + plan.group[INIT_NUMEL]
+        total = dict(local)
+        for pg in pgroups:
+            gathered = gather_objects(total, pg)
+            total = {sid: sum(g[sid] for g in gathered) for sid in total}
+        for sid, n in total.items():
+            if n < expected[sid]:
+                raise ValueError(
+                    f"scope={self.scope!r}: this step() call holds {n} of the {expected[sid]} elements of a scope "
+                    "across all ranks, so the caller (DeepSpeed ZeRO-3 sub-groups?) splits the scope across "
+                    "step() calls. Use scope='tensor' with one group per tensor, or a sub_group_size that "
+                    "keeps each group whole"
+                )
+
+    def _index_tensor(self, ids: List[int], device) -> torch.Tensor:
+        key = ("index", device, tuple(ids))
+        t = self._device_constants.get(key)
+        if t is None:
+            if len(self._device_constants) > 256:
+                self._device_constants.clear()
+            t = torch.tensor(ids, dtype=torch.long, device=device)
+            self._device_constants[key] = t
+        return t
+
+    def _scope_hyperparameters(self, plans, n_scopes, acc, device):
+        """(lam, beta_min, beta_max, threshold): Python floats when uniform, else per-scope tensors."""
+        per_scope: Dict[int, tuple] = {}
+        for plan in plans:
+            h = self._hyper_tuple(plan.group)
+            for sid in plan.scope_ids:
+                per_scope[sid] = h
+        values = set(per_scope.values())
+        if len(values) == 1:
+            lam, bmin, bmax, thr = next(iter(values))
+            return float(lam), float(bmin), float(bmax), (None if thr is None else float(thr))
+        thresholds = {h[3] is None for h in values}
+        if len(thresholds) != 1:
+            raise ValueError("restart_threshold must be set for all parameter groups or for none")
+        columns = []
+        for j in range(4):
+            if j == 3 and next(iter(thresholds)):
+                columns.append(None)
+                continue
+            key = ("hyper", j, device, acc, tuple(float(per_scope[s][j]) for s in range(n_scopes)))
+            t = self._device_constants.get(key)
+            if t is None:
+                t = torch.tensor(key[-1], dtype=acc, device=device)
+                self._device_constants[key] = t
+            columns.append(t)
+        return tuple(columns)
+
+    def _loss_delta(self, plans, loss, acc, device) -> Optional[torch.Tensor]:
+        if self.loss_estimate != "exact":
+            return None
+        states = [self.state[p] for plan in plans for p in plan.params]
+        if not all(PREV_LOSS in s for s in states):
+            return None  # first step: the linear estimate
+        prev = states[0][PREV_LOSS]
+        current = torch.as_tensor(loss).detach().to(device=device, dtype=acc)
+        return current - prev.to(acc)
+
+    def _record(self, plan: GroupPlan, beta_used, restart, loss, acc) -> None:
+        """Store the scope's beta, restart count and (exact mode) the loss in every member's state."""
+        states = [self.state[p] for p in plan.params]
+        for i, state in enumerate(states):
+            if self.scope == "tensor":
+                self._scope_reps[(id(plan.group), i)] = state
+            elif i == 0:
+                self._scope_reps["model" if self.scope == "model" else id(plan.group)] = state
+        betas = list(beta_used.unbind(0))
+        torch._foreach_copy_([s[BETA] for s in states], betas)
+        torch._foreach_add_([s[RESTARTS] for s in states], list(restart.unbind(0)))
+        if self.loss_estimate == "exact":
+            value = torch.as_tensor(loss).detach()
+            for s in states:
+                s[PREV_LOSS] = value.to(device=s[BETA].device, dtype=s[BETA].dtype).clone()
+
+    def _new_scalar_state(self, state: Dict[str, Any], local_p: torch.Tensor) -> None:
+        acc = accumulation_dtype(local_p.dtype)
+        state["step"] = torch.zeros((), dtype=torch.float32, device=local_p.device)
+        state[BETA] = torch.zeros((), dtype=acc, device=local_p.device)
+        state[RESTARTS] = torch.zeros((), dtype=acc, device=local_p.device)
+
+    # ------------------------------------------------- subclass responsibilities
+    def _init_state(self, plans: List[GroupPlan]) -> None:
+        raise NotImplementedError
+
+    def _partial_sums(self, plan: GroupPlan) -> torch.Tensor:
+        """``(n_tensors, 3)`` tensor of ``[<d,d>, <g,d>, <g-d,g-d>]`` per tensor (unweighted by lr)."""
+        raise NotImplementedError
+
+    def _apply_update(self, plan: GroupPlan, beta_eff: torch.Tensor, restart: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- statistics
+    def _scope_states(self) -> List[Dict[str, Any]]:
+        """State of one representative parameter per scope, as of each scope's latest step.
+
+        Kept by :meth:`_record` rather than read from ``param_groups``, because
+        DeepSpeed ZeRO swaps the groups around ``step()`` calls.
+        """
+        if self._scope_reps:
+            return list(self._scope_reps.values())
+        reps: List[Dict[str, Any]] = []  # after load_state_dict, before the next step
+        for group in self.param_groups:
+            members = [self.state[p] for p in group["params"] if BETA in self.state.get(p, {})]
+            if members:
+                reps.extend(members if self.scope == "tensor" else members[:1])
+        return reps[:1] if self.scope == "model" else reps
+
+    def beta_summary_tensor(self) -> torch.Tensor:
+        """``[mean, min, max, restarts]`` of the latest step over scopes, on the device, without a host sync.
+
+        ``restarts`` is the total number of momentum restarts so far, summed over
+        scopes.  Accumulate this tensor between logging steps and read it once.
+        """
+        reps = self._scope_states()
+        if not reps:
+            return torch.full((4,), math.nan)
+        betas = torch.stack([s[BETA].float() for s in reps])
+        restarts = torch.stack([s[RESTARTS].float() for s in reps]).sum()
+        return torch.stack([betas.mean(), betas.min(), betas.max(), restarts])
+
+    def beta_stats(self) -> Dict[str, float]:
+        """The latest step's ``beta`` over scopes as Python numbers (synchronises).
+
+        Keys: ``beta`` (mean over scopes), ``beta_min``, ``beta_max``, ``restarts``
+        (total momentum restarts so far, summed over scopes).
+        """
+        mean, lo, hi, restarts = self.beta_summary_tensor().tolist()
+        return {"beta": mean, "beta_min": lo, "beta_max": hi, "restarts": restarts}
+
+    @property
+    def beta(self) -> float:
+        """The latest step's ``beta`` (mean over scopes for ``scope='tensor'``/``'group'``); synchronises."""
+        return self.beta_stats()["beta"]
+
+    def betas_per_scope(self) -> torch.Tensor:
+        """1-D tensor of the latest step's ``beta`` of every scope (no host sync)."""
+        reps = self._scope_states()
+        return torch.stack([s[BETA] for s in reps]) if reps else torch.empty(0)
+
+    # ------------------------------------------------------------- checkpoints
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Like torch's, but AM scalar state keeps its accumulation dtype.
+
+        ``torch.optim.Optimizer`` casts every floating state tensor to the
+        parameter's dtype; the products and betas must stay float32/64 so that a
+        resumed bf16 run continues bit for bit.
+        """
+        saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        current = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        for pid, p in zip(saved_ids, current):
+            saved = saved_state.get(pid)
+            if not saved:
+                continue
+            device = local_view(p).device
+            for key, value in saved.items():
+                if isinstance(value, torch.Tensor) and (key.startswith("am_") or key == "step"):
+                    self.state[p][key] = value.detach().clone().to(device=device)
+        self._verified_signatures.clear()
+        self._scope_reps.clear()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_verified_signatures", set())
+        self.__dict__.setdefault("_device_constants", {})
+        self.__dict__.setdefault("_scope_reps", {})
+
+
+def param_groups_per_tensor(params_or_groups) -> List[Dict[str, Any]]:
+    """One param group per tensor, each keeping its original group's options.
+
+    DeepSpeed ZeRO flattens each group into one partition; with one tensor per
+    group every partition is a slice of one tensor, which makes
+    ``scope='tensor'`` exact at every ZeRO stage (ALGORITHM.md section 6).
+    """
+    items = list(params_or_groups)
+    if not items:
+        return []
+    groups = items if isinstance(items[0], dict) else [{"params": items}]
+    out: List[Dict[str, Any]] = []
+    for group in groups:
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        options = {k: v for k, v in group.items() if k != "params"}
+        out.extend({"params": [p], **options} for p in params)
+    return out

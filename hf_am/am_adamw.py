@@ -1,0 +1,222 @@
+"""AM-AdamW: AdamW whose first-moment coefficient is chosen every step (ALGORITHM.md section 4)."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from ._core import BETA, PROD, RESTARTS, AMOptimizer, GroupPlan, _check_range, _is_real, accumulation_dtype
+from ._sharding import local_view
+
+__all__ = ["AMAdamW"]
+
+
+class AMAdamW(AMOptimizer):
+    r"""AdamW with Adaptive Memory momentum.
+
+    ``betas[0]`` is ``beta_max``, the most memory the adaptive coefficient may
+    keep, so AdamW keyword arguments carry over.  Inner products of the beta
+    formula use the Adam preconditioner ``D = sqrt(v_hat) + eps`` as metric.
+
+    Args:
+        params: parameters or param groups (per-group ``lr``, ``weight_decay``,
+            ``betas``, ``eps``, ``lam``, ``beta_min``, ``restart_threshold``).
+        lr, betas, eps, weight_decay: as in :class:`torch.optim.AdamW` (decoupled decay).
+        lam: pull towards the previous direction (the paper's lambda); 0 keeps the raw
+            coefficient, so ``lam=0, beta_min=beta_max=beta1`` is exactly AdamW.
+        beta_min: lower clip of ``beta`` (the "Clip" variant when > 0).
+        restart_threshold: ``None``, or the "Restart" variant: momentum fixed at
+            ``beta_max`` and reset whenever the adaptive ``beta`` falls below it.
+        scope: ``"tensor"`` (one ``beta`` per parameter tensor), ``"group"`` or ``"model"``.
+        loss_estimate: ``"linear"`` (first-order estimate of the loss change) or
+            ``"exact"`` (the loss returned by ``step(closure)``; needs ``scope="model"``).
+        process_group: treat every parameter as this rank's shard of a tensor split
+            over the group (DeepSpeed ZeRO, FSDP1); DTensor parameters need nothing.
+        foreach: use the multi-tensor path (default) or the per-tensor reference path.
+    """
+
+    momentum_key = "exp_avg"
+    beta_max_key = "betas"
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        lam: float = 0.1,
+        beta_min: float = 0.0,
+        restart_threshold: Optional[float] = None,
+        scope: str = "tensor",
+        loss_estimate: str = "linear",
+        process_group=None,
+        foreach: Optional[bool] = None,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            lam=lam,
+            beta_min=beta_min,
+            restart_threshold=restart_threshold,
+            foreach=foreach,
+        )
+        super().__init__(params, defaults, scope=scope, loss_estimate=loss_estimate, process_group=process_group)
+
+    def _validate_group(self, group) -> None:
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"Invalid betas: {betas!r} (allowed: a pair (beta_max, beta2))")
+        group["betas"] = tuple(betas)
+        super()._validate_group(group)
+        beta2 = betas[1]
+        _check_range("betas[1] (beta2)", beta2, _is_real(beta2) and 0.0 <= beta2 < 1.0, "0 <= beta2 < 1")
+        eps = group["eps"]
+        _check_range("eps", eps, _is_real(eps) and eps > 0.0, "eps > 0")
+        if group["foreach"] not in (None, True, False):
+            raise TypeError(f"Invalid foreach: {group['foreach']!r} (allowed: None, True, False)")
+
+    def _init_state(self, plans: List[GroupPlan]) -> None:
+        for plan in plans:
+            for p, lp in zip(plan.params, plan.local_params):
+                state = self.state[p]
+                if len(state) == 0:
+                    self._new_scalar_state(state, lp)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state[PROD] = torch.ones((), dtype=accumulation_dtype(lp.dtype), device=lp.device)
+
+    def _lists(self, plan: GroupPlan):
+        states = [self.state[p] for p in plan.params]
+        return (
+            states,
+            [local_view(s["exp_avg"]) for s in states],
+            [local_view(s["exp_avg_sq"]) for s in states],
+        )
+
+    def _partial_sums(self, plan: GroupPlan) -> torch.Tensor:
+        states, exp_avgs, exp_avg_sqs = self._lists(plan)
+        steps = [s["step"] for s in states]
+        prods = [s[PROD] for s in states]
+        torch._foreach_add_(steps, 1.0)
+        beta2, eps = plan.group["betas"][1], plan.group["eps"]
+        fn = _sums_reference if plan.group["foreach"] is False else _sums_foreach
+        sums, plan.scratch = fn(plan.local_grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps)
+        return sums
+
+    def _apply_update(self, plan: GroupPlan, beta_eff: torch.Tensor, restart: torch.Tensor) -> None:
+        states, exp_avgs, exp_avg_sqs = self._lists(plan)
+        prods = torch.stack([s[PROD] for s in states])
+        prods_new = torch.where(restart > 0, torch.ones_like(prods), prods) * beta_eff.to(prods.dtype)
+        group = plan.group
+        fn = _update_reference if group["foreach"] is False else _update_foreach
+        fn(
+            plan.local_params,
+            plan.local_grads,
+            exp_avgs,
+            exp_avg_sqs,
+            plan.scratch,
+            beta_eff,
+            restart,
+            prods_new,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            has_restarts=group["restart_threshold"] is not None,
+        )
+        torch._foreach_copy_([s[PROD] for s in states], list(prods_new.unbind(0)))
+        plan.scratch = None
+
+
+# ---------------------------------------------------------------------------
+# Reference path: one tensor at a time, everything in the accumulation dtype.
+# ---------------------------------------------------------------------------
+def _sums_reference(grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps):
+    rows, denoms = [], []
+    for g, m, v, step, prod in zip(grads, exp_avgs, exp_avg_sqs, steps, prods):
+        acc = accumulation_dtype(g.dtype)
+        g32, m32, v32 = g.to(acc), m.to(acc), v.to(acc)
+        v32.mul_(beta2).addcmul_(g32, g32, value=1.0 - beta2)
+        v.copy_(v32)
+        bias_correction2 = 1.0 - beta2 ** step.to(acc)
+        denom = v32.sqrt() / bias_correction2.sqrt() + eps  # D = sqrt(v_hat) + eps
+        # Bias-corrected previous momentum; prod == 1 means there is none yet (d = 0).
+        d_scale = torch.where(prod < 1, 1.0 / (1.0 - prod), torch.zeros_like(prod))
+        d = m32 * d_scale
+        rows.append(
+            torch.stack(
+                (
+                    (d * d / denom).sum(),
+                    (g32 * d / denom).sum(),
+                    ((g32 - d) ** 2 / denom).sum(),
+                )
+            )
+        )
+        denoms.append(denom)
+    return torch.stack(rows), denoms
+
+
+def _update_reference(params, grads, exp_avgs, exp_avg_sqs, denoms, beta_eff, restart, prods_new, *, lr, weight_decay, has_restarts):
+    for i, (p, g, m, denom) in enumerate(zip(params, grads, exp_avgs, denoms)):
+        acc = denom.dtype
+        b, keep = beta_eff[i].to(acc), (1.0 - restart[i]).to(acc)
+        m32 = m.to(acc) * keep * b + (1.0 - b) * g.to(acc)  # a restart forgets the momentum first
+        p32 = p.to(acc)
+        p32 = p32 * (1.0 - lr * weight_decay) - lr * (m32 / (1.0 - prods_new[i].to(acc))) / denom
+        m.copy_(m32)
+        p.copy_(p32)
+
+
+# ---------------------------------------------------------------------------
+# Multi-tensor path.
+# ---------------------------------------------------------------------------
+def _sums_foreach(grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps):
+    acc = accumulation_dtype(grads[0].dtype)
+    low_precision = any(g.dtype != accumulation_dtype(g.dtype) for g in grads) or len({g.dtype for g in grads}) > 1
+    if low_precision:
+        return _sums_reference(grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+    bias_correction2 = torch._foreach_pow(beta2, [s.to(acc) for s in steps])
+    torch._foreach_neg_(bias_correction2)
+    torch._foreach_add_(bias_correction2, 1.0)
+    torch._foreach_sqrt_(bias_correction2)
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, bias_correction2)
+    torch._foreach_add_(denoms, eps)
+
+    prod_t = torch.stack(prods)
+    d_scale = torch.where(prod_t < 1, 1.0 / (1.0 - prod_t), torch.zeros_like(prod_t))
+    # With r = D^{-1/2}: <a,b>_D = <a r, b r>; the inner product comes from three norms.
+    r = torch._foreach_rsqrt(denoms)
+    g_r = torch._foreach_mul(grads, r)
+    m_r = torch._foreach_mul(exp_avgs, r)
+    del r
+    diff = torch._foreach_addcmul(g_r, m_r, list((-d_scale).unbind(0)))
+    norm_g = torch.stack(torch._foreach_norm(g_r, 2, dtype=acc))
+    norm_m = torch.stack(torch._foreach_norm(m_r, 2, dtype=acc))
+    norm_diff = torch.stack(torch._foreach_norm(diff, 2, dtype=acc))
+    s_dd = (d_scale * norm_m) ** 2
+    s_gg = norm_g**2
+    s_diff = norm_diff**2
+    s_gd = 0.5 * (s_gg + s_dd - s_diff)
+    return torch.stack((s_dd, s_gd, s_diff), dim=1), denoms
+
+
+def _update_foreach(params, grads, exp_avgs, exp_avg_sqs, denoms, beta_eff, restart, prods_new, *, lr, weight_decay, has_restarts):
+    if any(p.dtype != accumulation_dtype(p.dtype) for p in params) or len({p.dtype for p in params}) > 1:
+        return _update_reference(params, grads, exp_avgs, exp_avg_sqs, denoms, beta_eff, restart, prods_new, lr=lr, weight_decay=weight_decay, has_restarts=has_restarts)
+    acc = denoms[0].dtype
+    beta_eff = beta_eff.to(acc)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    if has_restarts:
+        torch._foreach_mul_(exp_avgs, list((1.0 - restart.to(acc)).unbind(0)))
+    torch._foreach_lerp_(exp_avgs, grads, list((1.0 - beta_eff).unbind(0)))
+    # p -= lr * m / (1 - prod) / D, written as p += m / (D * step) with step = -(1 - prod) / lr.
+    step = -(1.0 - prods_new.to(acc)) / lr
+    torch._foreach_mul_(denoms, list(step.unbind(0)))
+    torch._foreach_addcdiv_(params, exp_avgs, denoms)
