@@ -1,19 +1,21 @@
 """Worker: flat partitions with ``process_group=`` (the DeepSpeed ZeRO layout, built by hand).
 
-Modes (argv[1]):
+Modes (``<mode>=<case>,<case>`` arguments, several per launch):
 
 ``flat``       every rank holds a contiguous piece of every tensor's flattened
                values (uneven pieces; rank 1 holds nothing of one tensor and
                rank 0 nothing of another), ``process_group=WORLD``; each case
-               in argv[2:] (``<adamw|sgd>:<scope>:<linear|exact>:<one|two>``)
+               (``<adamw|sgd>:<scope>:<linear|exact>:<one|two>``)
                is trained for a few steps and compared, step by step, with the
                1-process run.
 ``replicated`` DDP-like replicas (every rank holds whole tensors and the
-               averaged gradient), no ``process_group``; counts collectives.
+               averaged gradient), no ``process_group``; counts collectives
+               (cases: ``linear``, ``exact`` loss estimate).
                ``replicated-reduce`` is the negative control: the same, but
                with ``process_group=WORLD``, i.e. a reduction over replicas.
 ``disagree``   the ranks hold different numbers of scopes; every rank must
-               raise ``ValueError`` (the launcher's timeout turns a hang into a failure).
+               raise ``ValueError`` (the launcher's timeout turns a hang into a
+               failure); cases ``tensor``, ``group``.
 """
 
 from __future__ import annotations
@@ -148,22 +150,23 @@ def run_disagree(rank, scope):
 
 
 def main():
+    """argv[1:]: ``<mode>=<case>,<case>,...`` tokens, run in order in one launch (startup dominates)."""
     rank, world = dc.init()
-    mode, cases = sys.argv[1], sys.argv[2:]
     result = {}
     try:
-        if mode == "flat":
-            for case in cases:
-                name, scope, estimate, kind = case.split(":")
-                result[case] = run_flat(rank, name, scope, estimate, kind)
-        elif mode in ("replicated", "replicated-reduce"):
-            for estimate in cases:
-                result[estimate] = run_replicated(rank, world, mode == "replicated-reduce", estimate)
-        elif mode == "disagree":
-            for scope in cases:
-                result[scope] = run_disagree(rank, scope)
-        else:
-            raise SystemExit(f"unknown mode {mode}")
+        for token in sys.argv[1:]:
+            mode, _, cases = token.partition("=")
+            out = result.setdefault(mode, {})
+            for case in cases.split(","):
+                if mode == "flat":
+                    name, scope, estimate, kind = case.split(":")
+                    out[case] = run_flat(rank, name, scope, estimate, kind)
+                elif mode in ("replicated", "replicated-reduce"):
+                    out[case] = run_replicated(rank, world, mode == "replicated-reduce", case)
+                elif mode == "disagree":
+                    out[case] = run_disagree(rank, case)
+                else:
+                    raise SystemExit(f"unknown mode {mode}")
     except Exception:
         traceback.print_exc()
         if dist.is_initialized():
