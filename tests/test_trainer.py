@@ -194,7 +194,7 @@ def _pinned_runs():
         runs.append({"name": f"torch_{name}", "dtype": "float64", "args": {**extra, "optim": "adamw_torch"}})
     sgd = {"gradient_accumulation_steps": 2, "lr_scheduler_type": "linear", "warmup_steps": 2, "learning_rate": 0.05}
     runs.append({"name": "am_sgd", "dtype": "float64", "args": {**sgd, "optim": "am_sgd", "optim_args": "lam=0,beta_min=0.9,momentum=0.9"}})
-    runs.append({"name": "torch_sgd", "dtype": "float64", "torch_sgd": {"momentum": 0.9, "dampening": 0.9}, "args": {**sgd}})
+    runs.append({"name": "torch_sgd", "dtype": "float64", "torch_sgd": {"momentum": 0.9, "dampening": 0.9}, "args": {**sgd, "optim": "sgd"}})
     return runs
 
 

@@ -95,7 +95,14 @@ def run_one(spec: dict, model_dir: str, tmp: str) -> dict:
         if spec.get("deepspeed") is not None:
             kw["deepspeed"] = json.loads(json.dumps(spec["deepspeed"]))
         kw.update(extra)
-        return TrainingArguments(**kw)
+        args = TrainingArguments(**kw)
+        _ = args.device  # sets up torch.distributed before a ZeRO-3 model is built under zero.Init, as scripts do
+        if spec.get("deepspeed") is not None and not torch.cuda.is_available():
+            import deepspeed
+
+            # on GPUs accelerate does this; on CPU zero.Init would otherwise see a world of one
+            deepspeed.init_distributed(dist_backend="gloo")
+        return args
 
     def make_model():
         kw = {}
