@@ -8,6 +8,7 @@ import torch
 
 from ._core import BETA, PROD, RESTARTS, AMOptimizer, GroupPlan, _check_range, _is_real, accumulation_dtype
 from ._sharding import local_view
+from ._tiling import is_whole, plan_tiles, views
 
 __all__ = ["AMAdamW"]
 
@@ -171,52 +172,89 @@ def _update_reference(params, grads, exp_avgs, exp_avg_sqs, denoms, beta_eff, re
 
 
 # ---------------------------------------------------------------------------
-# Multi-tensor path.
+# Multi-tensor path, tile by tile (see _tiling.py).
 # ---------------------------------------------------------------------------
-def _sums_foreach(grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps):
-    acc = accumulation_dtype(grads[0].dtype)
-    low_precision = any(g.dtype != accumulation_dtype(g.dtype) for g in grads) or len({g.dtype for g in grads}) > 1
-    if low_precision:
-        return _sums_reference(grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
-    bias_correction2 = torch._foreach_pow(beta2, [s.to(acc) for s in steps])
-    torch._foreach_neg_(bias_correction2)
-    torch._foreach_add_(bias_correction2, 1.0)
-    torch._foreach_sqrt_(bias_correction2)
-    denoms = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denoms, bias_correction2)
-    torch._foreach_add_(denoms, eps)
+def _is_low_precision(tensors) -> bool:
+    return any(t.dtype != accumulation_dtype(t.dtype) for t in tensors) or len({t.dtype for t in tensors}) > 1
 
+
+def _denominators(exp_avg_sqs, bias_correction2_sqrt, eps):
+    """D = sqrt(v) / sqrt(1 - beta2^t) + eps, as new tensors."""
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, bias_correction2_sqrt)
+    torch._foreach_add_(denoms, eps)
+    return denoms
+
+
+def _sums_foreach(grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps):
+    if _is_low_precision(grads):
+        return _sums_reference(grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps)
+    acc = grads[0].dtype
+    n = len(grads)
+    bc2_sqrt = torch._foreach_pow(beta2, [s.to(acc) for s in steps])
+    torch._foreach_neg_(bc2_sqrt)
+    torch._foreach_add_(bc2_sqrt, 1.0)
+    torch._foreach_sqrt_(bc2_sqrt)
     prod_t = torch.stack(prods)
     d_scale = torch.where(prod_t < 1, 1.0 / (1.0 - prod_t), torch.zeros_like(prod_t))
-    # With r = D^{-1/2}: <a,b>_D = <a r, b r>; the inner product comes from three norms.
-    r = torch._foreach_rsqrt(denoms)
-    g_r = torch._foreach_mul(grads, r)
-    m_r = torch._foreach_mul(exp_avgs, r)
-    del r
-    diff = torch._foreach_addcmul(g_r, m_r, list((-d_scale).unbind(0)))
-    norm_g = torch.stack(torch._foreach_norm(g_r, 2, dtype=acc))
-    norm_m = torch.stack(torch._foreach_norm(m_r, 2, dtype=acc))
-    norm_diff = torch.stack(torch._foreach_norm(diff, 2, dtype=acc))
-    s_dd = (d_scale * norm_m) ** 2
-    s_gg = norm_g**2
-    s_diff = norm_diff**2
+    neg_scale = list((-d_scale).unbind(0))
+
+    tiles = plan_tiles([grads, exp_avgs, exp_avg_sqs])
+    rows, owners, kept_denoms = [], [], None
+    for tile in tiles:
+        idx = [i for i, _, _ in tile]
+        g, m, v = views(grads, tile), views(exp_avgs, tile), views(exp_avg_sqs, tile)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, 1.0 - beta2)
+        denoms = _denominators(v, [bc2_sqrt[i] for i in idx], eps)
+        # With r = D^{-1/2}: <a,b>_D = <a r, b r>; three norms give the three sums.
+        r = torch._foreach_rsqrt(denoms)
+        g_r = torch._foreach_mul(g, r)
+        torch._foreach_mul_(r, m)  # r now holds m * r
+        diff = torch._foreach_addcmul(g_r, r, [neg_scale[i] for i in idx])  # (g - d) r
+        norms = [torch.stack(torch._foreach_norm(x, 2, dtype=acc)) for x in (r, g_r, diff)]
+        rows.append(torch.stack(norms, dim=1) ** 2)
+        owners.extend(idx)
+        if len(tiles) == 1:
+            kept_denoms = denoms
+    rows = torch.cat(rows)
+    if not is_whole(tiles, n):
+        rows = torch.zeros(n, 3, dtype=acc).index_add_(0, torch.tensor(owners), rows)
+    s_mm, s_gg, s_diff = rows.unbind(1)
+    s_dd = d_scale**2 * s_mm
     s_gd = 0.5 * (s_gg + s_dd - s_diff)
-    return torch.stack((s_dd, s_gd, s_diff), dim=1), denoms
+    return torch.stack((s_dd, s_gd, s_diff), dim=1), (kept_denoms, bc2_sqrt, eps)
 
 
-def _update_foreach(params, grads, exp_avgs, exp_avg_sqs, denoms, beta_eff, restart, prods_new, *, lr, weight_decay, has_restarts):
-    if any(p.dtype != accumulation_dtype(p.dtype) for p in params) or len({p.dtype for p in params}) > 1:
-        return _update_reference(params, grads, exp_avgs, exp_avg_sqs, denoms, beta_eff, restart, prods_new, lr=lr, weight_decay=weight_decay, has_restarts=has_restarts)
-    acc = denoms[0].dtype
+def _update_foreach(params, grads, exp_avgs, exp_avg_sqs, scratch, beta_eff, restart, prods_new, *, lr, weight_decay, has_restarts):
+    if not isinstance(scratch, tuple):  # phase 1 took the reference path
+        return _update_reference(params, grads, exp_avgs, exp_avg_sqs, scratch, beta_eff, restart, prods_new, lr=lr, weight_decay=weight_decay, has_restarts=has_restarts)
+    kept_denoms, bc2_sqrt, eps = scratch
+    acc = params[0].dtype
     beta_eff = beta_eff.to(acc)
-    if weight_decay != 0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    if has_restarts:
-        torch._foreach_mul_(exp_avgs, list((1.0 - restart.to(acc)).unbind(0)))
-    torch._foreach_lerp_(exp_avgs, grads, list((1.0 - beta_eff).unbind(0)))
-    # p -= lr * m / (1 - prod) / D, written as p += m / (D * step) with step = -(1 - prod) / lr.
+    weights = list((1.0 - beta_eff).unbind(0))
+    keep = list((1.0 - restart.to(acc)).unbind(0))
+    # p -= lr * m / (1 - prod) / D is written p += m / (D * step), step = -(1 - prod) / lr, and
+    # D * step = sqrt(v) * (step / sqrt(1 - beta2^t)) + eps * step when D is recomputed.
     step = -(1.0 - prods_new.to(acc)) / lr
-    torch._foreach_mul_(denoms, list(step.unbind(0)))
-    torch._foreach_addcdiv_(params, exp_avgs, denoms)
+    step_list = list(step.unbind(0))
+    sqrt_v_scale = list((step / torch.stack(bc2_sqrt)).unbind(0))
+    eps_step = list((eps * step).unbind(0))
+    tiles = plan_tiles([params, grads, exp_avgs, exp_avg_sqs])
+    whole = kept_denoms is not None and is_whole(tiles, len(params))
+    for tile in tiles:
+        idx = [i for i, _, _ in tile]
+        p, g, m = views(params, tile), views(grads, tile), views(exp_avgs, tile)
+        if whole:
+            scaled_denoms = kept_denoms
+            torch._foreach_mul_(scaled_denoms, step_list)
+        else:  # recomputing D from v is cheaper than keeping it when the tile is in cache
+            scaled_denoms = torch._foreach_sqrt(views(exp_avg_sqs, tile))
+            torch._foreach_mul_(scaled_denoms, [sqrt_v_scale[i] for i in idx])
+            torch._foreach_add_(scaled_denoms, [eps_step[i] for i in idx])
+        if weight_decay != 0:
+            torch._foreach_mul_(p, 1.0 - lr * weight_decay)
+        if has_restarts:
+            torch._foreach_mul_(m, [keep[i] for i in idx])
+        torch._foreach_lerp_(m, g, [weights[i] for i in idx])
+        torch._foreach_addcdiv_(p, m, scaled_denoms)

@@ -8,6 +8,7 @@ import torch
 
 from ._core import AMOptimizer, GroupPlan, accumulation_dtype
 from ._sharding import local_view
+from ._tiling import is_whole, plan_tiles, views
 
 __all__ = ["AMSGD"]
 
@@ -68,41 +69,45 @@ class AMSGD(AMOptimizer):
     def _partial_sums(self, plan: GroupPlan) -> torch.Tensor:
         states = [self.state[p] for p in plan.params]
         torch._foreach_add_([s["step"] for s in states], 1.0)
-        wd = plan.group["weight_decay"]
-        grads = plan.local_grads
-        if wd != 0:  # coupled weight decay: g <- g + wd * x
-            grads = torch._foreach_add(grads, plan.local_params, alpha=wd)
         buffers = [local_view(s["momentum_buffer"]) if "momentum_buffer" in s else None for s in states]
-        fn = _sums_reference if plan.group["foreach"] is False else _sums_foreach
-        plan.scratch = grads
-        return fn(grads, buffers)
+        wd = plan.group["weight_decay"]
+        if plan.group["foreach"] is False or any(b is None for b in buffers) or _is_low_precision(plan.local_params):
+            # Reference path (also the first step, whose d = 0 needs no fast path).
+            grads = _decayed_gradients(plan.local_grads, plan.local_params, wd)
+            plan.scratch = ("reference", grads)
+            return _sums_reference(grads, buffers)
+        sums, kept = _sums_foreach(plan.local_grads, plan.local_params, buffers, wd)
+        plan.scratch = ("foreach", kept)
+        return sums
 
     def _apply_update(self, plan: GroupPlan, beta_eff: torch.Tensor, restart: torch.Tensor) -> None:
         states = [self.state[p] for p in plan.params]
-        grads = plan.scratch
-        fresh = [i for i, s in enumerate(states) if "momentum_buffer" not in s]
-        for i in fresh:  # step 1: d <- g (torch.optim.SGD convention)
-            p = plan.params[i]
-            buf = torch.zeros_like(p, memory_format=torch.preserve_format)
-            local_view(buf).copy_(grads[i])
-            states[i]["momentum_buffer"] = buf
-        old = [i for i in range(len(states)) if i not in set(fresh)]
-        buffers = [local_view(states[i]["momentum_buffer"]) for i in old]
-        grads_old = [grads[i] for i in old]
         # A restart forgets the momentum: coefficient 0 gives d <- g.
         keep = beta_eff * (1.0 - restart)
-        fn = _update_reference if plan.group["foreach"] is False else _update_foreach
-        if old:
-            fn(buffers, grads_old, keep if len(old) == len(states) else keep.index_select(0, self._index_tensor(old, keep.device)))
-        all_buffers = [local_view(s["momentum_buffer"]) for s in states]
         lr = plan.group["lr"]
-        if isinstance(lr, torch.Tensor):
-            torch._foreach_add_(plan.local_params, torch._foreach_mul(all_buffers, -lr))
+        path, kept = plan.scratch
+        if path == "reference":
+            _update_reference(plan.params, plan.local_params, states, kept, keep, lr)
         else:
-            torch._foreach_add_(plan.local_params, all_buffers, alpha=-lr)
+            buffers = [local_view(s["momentum_buffer"]) for s in states]
+            _update_foreach(plan.local_params, plan.local_grads, buffers, kept, keep, lr, plan.group["weight_decay"])
         plan.scratch = None
 
 
+def _is_low_precision(tensors) -> bool:
+    return any(t.dtype != accumulation_dtype(t.dtype) for t in tensors) or len({t.dtype for t in tensors}) > 1
+
+
+def _decayed_gradients(grads, params, weight_decay):
+    """Coupled weight decay: g <- g + wd * x (new tensors; the .grad stays as it is)."""
+    if weight_decay == 0:
+        return list(grads)
+    return torch._foreach_add(grads, params, alpha=weight_decay)
+
+
+# ---------------------------------------------------------------------------
+# Reference path: one tensor at a time, in the accumulation dtype.
+# ---------------------------------------------------------------------------
 def _sums_reference(grads, buffers):
     rows = []
     for g, buf in zip(grads, buffers):
@@ -113,27 +118,54 @@ def _sums_reference(grads, buffers):
     return torch.stack(rows)
 
 
-def _sums_foreach(grads, buffers):
-    acc = accumulation_dtype(grads[0].dtype)
-    if any(g.dtype != acc for g in grads):
-        return _sums_reference(grads, buffers)
-    if any(b is None for b in buffers):  # first step (d = 0): not worth a fast path
-        return _sums_reference(grads, buffers)
-    diff = torch._foreach_sub(grads, buffers)
-    n_g = torch.stack(torch._foreach_norm(grads, 2, dtype=acc)) ** 2
-    n_d = torch.stack(torch._foreach_norm(buffers, 2, dtype=acc)) ** 2
-    n_diff = torch.stack(torch._foreach_norm(diff, 2, dtype=acc)) ** 2
-    return torch.stack((n_d, 0.5 * (n_g + n_d - n_diff), n_diff), dim=1)
+def _update_reference(params, local_params, states, grads, coefficient, lr):
+    for i, (p, lp, state, g) in enumerate(zip(params, local_params, states, grads)):
+        acc = accumulation_dtype(lp.dtype)
+        if "momentum_buffer" not in state:  # step 1: d <- g (torch.optim.SGD convention)
+            buf = torch.zeros_like(p, memory_format=torch.preserve_format)
+            local_view(buf).copy_(g)
+            state["momentum_buffer"] = buf
+        else:
+            buf = local_view(state["momentum_buffer"])
+            c = coefficient[i].to(acc)
+            buf.copy_(c * buf.to(acc) + (1.0 - c) * g.to(acc))
+        d = local_view(state["momentum_buffer"])
+        lp.copy_(lp.to(acc) - lr * d.to(acc))
 
 
-def _update_reference(buffers, grads, coefficient):
-    for i, (buf, g) in enumerate(zip(buffers, grads)):
-        acc = accumulation_dtype(buf.dtype)
-        c = coefficient[i].to(acc)
-        buf.copy_(c * buf.to(acc) + (1.0 - c) * g.to(acc))
+# ---------------------------------------------------------------------------
+# Multi-tensor path, tile by tile (see _tiling.py).
+# ---------------------------------------------------------------------------
+def _sums_foreach(grads, params, buffers, weight_decay):
+    acc = grads[0].dtype
+    n = len(grads)
+    tiles = plan_tiles([grads, params, buffers])
+    rows, owners, kept = [], [], None
+    for tile in tiles:
+        g = _decayed_gradients(views(grads, tile), views(params, tile), weight_decay)
+        d = views(buffers, tile)
+        diff = torch._foreach_sub(g, d)
+        norms = [torch.stack(torch._foreach_norm(x, 2, dtype=acc)) for x in (d, g, diff)]
+        rows.append(torch.stack(norms, dim=1) ** 2)
+        owners.extend(i for i, _, _ in tile)
+        if len(tiles) == 1:
+            kept = g
+    rows = torch.cat(rows)
+    if not is_whole(tiles, n):
+        rows = torch.zeros(n, 3, dtype=acc).index_add_(0, torch.tensor(owners), rows)
+    s_dd, s_gg, s_diff = rows.unbind(1)
+    return torch.stack((s_dd, 0.5 * (s_gg + s_dd - s_diff), s_diff), dim=1), kept
 
 
-def _update_foreach(buffers, grads, coefficient):
-    if any(b.dtype != accumulation_dtype(b.dtype) for b in buffers):
-        return _update_reference(buffers, grads, coefficient)
-    torch._foreach_lerp_(buffers, grads, list((1.0 - coefficient.to(buffers[0].dtype)).unbind(0)))
+def _update_foreach(params, grads, buffers, kept, coefficient, lr, weight_decay):
+    weights = list((1.0 - coefficient.to(params[0].dtype)).unbind(0))
+    tiles = plan_tiles([params, grads, buffers])
+    for tile in tiles:
+        p, d = views(params, tile), views(buffers, tile)
+        # The decayed gradient uses x before this step's update, so it is rebuilt first.
+        g = kept if kept is not None and is_whole(tiles, len(params)) else _decayed_gradients(views(grads, tile), p, weight_decay)
+        torch._foreach_lerp_(d, g, [weights[i] for i, _, _ in tile])
+        if isinstance(lr, torch.Tensor):
+            torch._foreach_add_(p, torch._foreach_mul(d, -lr))
+        else:
+            torch._foreach_add_(p, d, alpha=-lr)

@@ -234,6 +234,22 @@ def test_reference_path_equals_foreach_path(name, dtype):
             torch.testing.assert_close(b0, b1, rtol=0, atol=10 * tol)
 
 
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("tile", [7, 64, 1 << 30])
+def test_cpu_tiling_does_not_change_the_result(name, tile, monkeypatch):
+    """Tiles that split tensors (7), pack several (64) or hold everything give one answer."""
+    import hf_am._tiling as tiling
+
+    batches = make_batches(15)
+    models = [make_model(), make_model()]
+    opts = [OPTIMIZERS[name](two_groups(m), foreach=fe, restart_threshold=0.2) for m, fe in zip(models, (False, True))]
+    train(models[0], opts[0], batches)
+    monkeypatch.setattr(tiling, "CPU_TILE_ELEMENTS", tile)
+    assert len(tiling.plan_tiles([list(models[1].parameters())])) == {7: 19, 64: 2, 1 << 30: 1}[tile]
+    train(models[1], opts[1], batches)
+    assert max_param_diff(*models) < 1e-6
+
+
 # ----------------------------------------------------------- 5. state_dict round trip
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
