@@ -100,7 +100,11 @@ def evidence(trainer) -> dict:
         ev["zero_offload_optimizer"] = bool(engine.zero_offload_optimizer()) if hasattr(engine, "zero_offload_optimizer") else None
         zero_opt = engine.optimizer
         dp_group = getattr(zero_opt, "dp_process_group", None)
-        ev["process_group_is_dp_group"] = am is not None and dp_group is not None and am.process_group is dp_group
+        same = am is not None and dp_group is not None and am.process_group is not None
+        if same and am.process_group is not dp_group:  # e.g. ZeRO-3's per-sub-group handle of the same ranks
+            ranks = torch.distributed.get_process_group_ranks
+            same = ranks(am.process_group) == ranks(dp_group)
+        ev["process_group_is_dp_group"] = bool(same)
         ev["engine_world_size"] = engine.dp_world_size
     if am is not None:
         # lr and weight decay per group as the optimizer sees them (the Trainer's split kept?)
