@@ -1,0 +1,392 @@
+"""Connect an AM optimizer to the DeepSpeed engine that drives it.
+
+Why this is needed (ALGORITHM.md section 6): the adaptive ``beta`` is a ratio of
+three sums over a whole *scope* (tensor, group or model).  Under ZeRO every rank
+holds only a flat partition of each parameter group, so
+
+* the sums must be all-reduced over the ZeRO data-parallel group, and only over
+  it (summing over replicas would count every element several times): this
+  module sets ``am.process_group = zero_optimizer.dp_process_group``;
+* DeepSpeed calls ``step()`` once per parameter group (stage 1/2) or once per
+  sub-group (stage 3), so a scope that spans several such calls cannot be summed
+  in one call: this module refuses those configurations up front, from
+  DeepSpeed's own group/sub-group layout, instead of letting them train with a
+  per-call ``beta``;
+* ZeRO-3 pads every parameter inside the flat fp32 partition and the padding
+  slots of the *parameter* are uninitialised memory (``torch.empty``).  AM-SGD's
+  coupled weight decay ``g + wd * x`` would carry them into the sums (NaN or
+  garbage in every ``beta``): this module zeroes those slots before every
+  ``step()`` call.
+
+Only DeepSpeed's public-looking attributes of version 0.19 are read
+(``dp_process_group``, ``real_dp_process_group``, ``bit16_groups``,
+``fp16_groups``, ``sub_group_to_group_id``, ``fp32_partitioned_groups_flat``,
+``ds_tensor``/``ds_numel`` of ZeRO-3 parameters).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from hf_am._core import AMOptimizer
+
+__all__ = ["attach_to_deepspeed", "find_am_optimizer"]
+
+_ATTACHED = "_hf_am_deepspeed"  # attribute on the AM optimizer: what attach_to_deepspeed set up
+
+
+def find_am_optimizer(obj) -> Tuple[AMOptimizer, list]:
+    """``(am, chain)``: the AM optimizer inside ``obj`` and the objects passed on the way.
+
+    Follows ``.optimizer`` (DeepSpeed engine -> ZeRO optimizer -> client
+    optimizer; accelerate's ``AcceleratedOptimizer`` / ``DeepSpeedOptimizerWrapper``)
+    and ``.engine`` (accelerate's ``DeepSpeedEngineWrapper``).
+    """
+    chain: list = []
+    seen = set()
+    current = obj
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        if isinstance(current, AMOptimizer):
+            return current, chain
+        nxt = getattr(current, "optimizer", None)
+        if nxt is None:
+            nxt = getattr(current, "engine", None)
+        current = nxt
+    described = " -> ".join(type(o).__name__ for o in chain) or type(obj).__name__
+    raise TypeError(
+        f"attach_to_deepspeed: no hf_am.AMOptimizer found by following .optimizer from {described}. "
+        "Pass the DeepSpeed engine, its optimizer, or accelerate's wrapper of either, with an "
+        "hf_am.AMAdamW/AMSGD as the client optimizer"
+    )
+
+
+def _deepspeed_kind(wrapper) -> str:
+    """Which DeepSpeed optimizer wraps the AM optimizer directly (``"none"`` if none does)."""
+    if wrapper is None:
+        return "none"
+    name = type(wrapper).__name__
+    module = type(wrapper).__module__
+    if not module.startswith("deepspeed."):
+        return "none"
+    try:
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    except ImportError:  # pragma: no cover - deepspeed is installed whenever module starts with "deepspeed."
+        DeepSpeedZeroOptimizer = DeepSpeedZeroOptimizer_Stage3 = ()
+    if isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
+        return "zero3"
+    if isinstance(wrapper, DeepSpeedZeroOptimizer):
+        return "zero12"
+    if name == "BF16_Optimizer":
+        return "bf16"  # ZeRO-1-style partitions, one step() for all groups
+    if name == "FP16_Optimizer":
+        return "fp16_fused"  # replicas, each group flattened into one fp32 tensor
+    if name == "FP16_UnfusedOptimizer":
+        return "fp16_unfused"  # replicas, one fp32 copy per tensor
+    raise TypeError(
+        f"attach_to_deepspeed: unknown DeepSpeed optimizer wrapper {module}.{name}; it is not known how it "
+        "partitions and steps the parameter groups, so AM's sums cannot be made exact"
+    )
+
+
+def _same_group(a, b) -> bool:
+    import torch.distributed as dist
+
+    if a is b:
+        return True
+    if a is None or b is None:
+        return False
+    return dist.get_process_group_ranks(a) == dist.get_process_group_ranks(b)
+
+
+def _single_group(groups: Sequence, what: str):
+    """The one process group all partitions use; AM has a single ``process_group``."""
+    first = groups[0]
+    for g in groups[1:]:
+        if not _same_group(g, first):
+            raise ValueError(
+                f"attach_to_deepspeed: the {what} are partitioned over different process groups (MoE expert "
+                "data parallelism, MiCS or a per-parameter ds_process_group), but an AM optimizer sums its "
+                "scopes over one process group. Use a separate AM optimizer per partition group, or no ZeRO "
+                "for the expert parameters"
+            )
+    return first
+
+
+def _check_no_model_parallelism(zero_opt) -> None:
+    """Tensor/pipeline model parallelism mixes TP-sharded and TP-replicated tensors in one partition."""
+    import torch.distributed as dist
+
+    group = getattr(zero_opt, "model_parallel_group", None)
+    size = dist.get_world_size(group) if group is not None else 1
+    mpu = getattr(zero_opt, "mpu", None)
+    if mpu is not None and hasattr(mpu, "get_model_parallel_world_size"):
+        size = max(size, int(mpu.get_model_parallel_world_size()))
+    if size > 1:
+        raise ValueError(
+            "attach_to_deepspeed: model parallelism (mpu, model-parallel world size "
+            f"{size}) is active. A ZeRO partition then holds pieces of tensor-parallel shards and of replicated "
+            "tensors alike, and no single process group sums both correctly; this is not supported"
+        )
+
+
+def _scope_error(scope: str, detail: str, fix: str) -> ValueError:
+    return ValueError(
+        f"attach_to_deepspeed: scope={scope!r} cannot be exact here: {detail}. DeepSpeed calls the client "
+        f"optimizer's step() separately for each of them, so one scope's sums would be split across calls "
+        f"(a different beta per call). {fix}"
+    )
+
+
+_TENSOR_FIX = "Build the optimizer with hf_am.param_groups_per_tensor(...) (one parameter group per tensor)."
+
+
+def _validate_per_call_groups(am: AMOptimizer, tensors_per_group: List[int], calls_per_group: List[int]) -> None:
+    """Validate a layout where every ``step()`` call sees one (sub-)group.
+
+    ``tensors_per_group[k]``: tensors of param group ``k``; ``calls_per_group[k]``:
+    how many ``step()`` calls DeepSpeed makes for it (ZeRO-3 sub-groups).
+    """
+    n_groups = len(tensors_per_group)
+    total_calls = sum(calls_per_group)
+    if am.scope == "model" and total_calls > 1:
+        raise _scope_error(
+            "model",
+            f"the parameters form {n_groups} parameter group(s) stepped in {total_calls} step() calls",
+            "Put every parameter in one group (and, under ZeRO-3, a sub_group_size at least as large as its "
+            "partition), or use scope='group'/'tensor'.",
+        )
+    if am.scope == "group":
+        split = [k for k, c in enumerate(calls_per_group) if c > 1]
+        if split:
+            raise _scope_error(
+                "group",
+                f"ZeRO-3 splits parameter group(s) {split} into {[calls_per_group[k] for k in split]} sub-groups "
+                "(sub_group_size is smaller than the group's partition)",
+                "Raise zero_optimization.sub_group_size, or use scope='tensor'.",
+            )
+    _validate_tensor_scope_flat(am, tensors_per_group)
+
+
+def _validate_tensor_scope_flat(am: AMOptimizer, tensors_per_group: List[int]) -> None:
+    """DeepSpeed flattens each group: per-tensor sums exist only where a group holds one tensor."""
+    if am.scope == "tensor":
+        multi = [k for k, n in enumerate(tensors_per_group) if n > 1]
+        if multi:
+            raise ValueError(
+                f"attach_to_deepspeed: scope='tensor' cannot be exact here: DeepSpeed flattens parameter "
+                f"group(s) {multi} ({[tensors_per_group[k] for k in multi]} tensors) into one tensor, so their "
+                f"per-tensor sums cannot be told apart. {_TENSOR_FIX}"
+            )
+
+
+def _validate_one_call_flat(am: AMOptimizer, tensors_per_group: List[int]) -> None:
+    """One ``step()`` for all groups, each group flattened (BF16_Optimizer, fused FP16_Optimizer)."""
+    _validate_tensor_scope_flat(am, tensors_per_group)
+
+
+# --------------------------------------------------------------- ZeRO-3 padding
+class _ZeroPaddingBeforeStep:
+    """``step()`` pre-hook zeroing the padding slots of ZeRO-3 flat fp32 partitions.
+
+    Why every step and not once: DeepSpeed rewrites the fp32 partitions when it
+    loads a checkpoint, and the slots are cheap (at most ``world_size - 1``
+    elements per tensor).  Also zeroes the gradient and any optimizer state of
+    the same size there, so nothing that reads the slots (coupled weight decay,
+    ``D``-weighted sums) sees anything but zeros.
+    """
+
+    def __init__(self, slots: List[Tuple[torch.Tensor, List[Tuple[int, int]]]]):
+        self.slots = {id(t): (t, spans) for t, spans in slots if spans}
+
+    def zero(self, am: AMOptimizer) -> None:
+        if not self.slots:
+            return
+        with torch.no_grad():
+            for group in am.param_groups:
+                for p in group["params"]:
+                    entry = self.slots.get(id(p))
+                    if entry is None or entry[0] is not p:
+                        continue
+                    targets = [p]
+                    if p.grad is not None:
+                        targets.append(p.grad)
+                    targets.extend(
+                        v for v in am.state.get(p, {}).values() if isinstance(v, torch.Tensor) and v.shape == p.shape
+                    )
+                    for t in targets:
+                        flat = t.view(-1)
+                        for start, end in entry[1]:
+                            if end <= flat.numel():
+                                flat[start:end].zero_()
+
+    def __call__(self, optimizer, args, kwargs):
+        self.zero(optimizer)
+        return None
+
+
+class _OnlySteppedGroups:
+    """ZeRO-3 ``step()`` pre/post hooks: show the AM optimizer only the group being stepped.
+
+    ZeRO-3 keeps every param group in ``param_groups`` and empties all but the
+    current sub-group's (``params = []``) around each ``step()`` call, while
+    ZeRO-1/2 pass a one-element ``param_groups`` list.  The AM core's layout
+    checks are written for the latter (an empty group there means "flattened
+    away", e.g. ``scope='tensor'`` raises "param group k had 1 tensors and now
+    holds 0"), so during the call this hides the empty groups, and restores
+    the full list afterwards, before DeepSpeed indexes it again.  (Were the
+    step to raise, the list stays filtered; the run is over then anyway.)
+    """
+
+    def __init__(self):
+        self._saved = None
+
+    def before(self, optimizer, args, kwargs):
+        groups = optimizer.param_groups
+        stepped = [g for g in groups if g["params"]]
+        if len(stepped) != len(groups):
+            self._saved = groups
+            optimizer.param_groups = stepped
+        return None
+
+    def after(self, optimizer, args, kwargs):
+        if self._saved is not None:
+            optimizer.param_groups = self._saved
+            self._saved = None
+
+
+def _zero3_padding_spans(zero_opt) -> List[Tuple[torch.Tensor, List[Tuple[int, int]]]]:
+    """Per sub-group: the fp32 flat partition and the ``(start, end)`` padding slots this rank holds.
+
+    A parameter of ``n`` elements is partitioned as ``aligned = ceil(n / W) * W``
+    elements in ``W`` slices of ``s = aligned / W``; rank ``r`` holds elements
+    ``[r*s, (r+1)*s)``, of which those at or beyond ``n`` are padding.  This is
+    computed here rather than read from ``groups_padding``, which assumes the
+    padding lies on the last rank only (not true when it exceeds one slice,
+    e.g. ``n = 5`` on 4 ranks).
+    """
+    import torch.distributed as dist
+
+    out = []
+    for j, sub_group in enumerate(zero_opt.fp16_groups):
+        flat = zero_opt.fp32_partitioned_groups_flat[j]
+        spans = []
+        offset = 0
+        for p in sub_group:
+            s = int(p.partition_numel())
+            pg = getattr(p, "ds_process_group", zero_opt.dp_process_group)
+            r = dist.get_rank(group=pg)
+            valid = max(0, min(s, int(p.ds_numel) - r * s))
+            if valid < s:
+                spans.append((offset + valid, offset + s))
+            offset += s
+        out.append((flat, spans))
+    return out
+
+
+# ------------------------------------------------------------------------ entry
+def attach_to_deepspeed(obj) -> AMOptimizer:
+    """Make the AM optimizer inside a DeepSpeed setup compute exact ``beta`` s; return it.
+
+    ``obj``: a ``DeepSpeedEngine``, its (ZeRO) optimizer, or accelerate's
+    ``AcceleratedOptimizer`` / ``DeepSpeedOptimizerWrapper`` / ``DeepSpeedEngineWrapper``.
+    Call it after ``deepspeed.initialize`` and before the first step; calling it
+    again is harmless.
+
+    * ZeRO stage 1/2/3 (and DeepSpeed's bf16 ZeRO-1 optimizer): sets
+      ``process_group`` to the ZeRO data-parallel group, so every rank's partial
+      sums become whole-scope sums.
+    * No partitioning (stage 0, fp32 or fp16): leaves ``process_group`` alone;
+      replicas must not be reduced.
+    * Raises ``ValueError`` for what cannot be exact: a ``"model"`` scope
+      stepped in several calls (several groups under ZeRO 1/2/3, or ZeRO-3
+      sub-groups), a ``"group"`` scope that ZeRO-3 splits into sub-groups, a
+      ``"tensor"`` scope over groups that DeepSpeed flattens with several
+      tensors, partitions over different process groups (MoE), model
+      parallelism, ZenFlow, or a ``process_group`` the user set to a different group.
+    * ZeRO-3: installs ``step()`` hooks that zero the padding slots of the flat
+      partitions (uninitialised memory) and show the core only the group
+      being stepped (see :class:`_OnlySteppedGroups`).
+
+    DeepSpeed clips gradients by default (``gradient_clipping``: 1.0 when the
+    Trainer/accelerate fill it in); that changes the gradients AM sees, on
+    every rank alike, so it is consistent but not the unclipped run.
+    """
+    am, chain = find_am_optimizer(obj)
+    wrapper = chain[-2] if len(chain) >= 2 and getattr(chain[-2], "optimizer", None) is am else None
+    kind = _deepspeed_kind(wrapper)
+    attached: Optional[Dict[str, Any]] = getattr(am, _ATTACHED, None)
+    if attached is not None and attached["wrapper"] is wrapper:
+        return am  # idempotent: the layout cannot change after deepspeed.initialize
+
+    if kind in ("zero12", "zero3", "bf16") and getattr(wrapper, "zenflow", False):
+        raise ValueError(
+            "attach_to_deepspeed: ZenFlow steps parts of the parameters asynchronously on the CPU, "
+            "so AM's per-step sums cannot be exact; disable zenflow"
+        )
+    group = None
+    if kind == "zero12":
+        _check_no_model_parallelism(wrapper)
+        group = _single_group(list(wrapper.real_dp_process_group), "parameter groups")
+        _validate_per_call_groups(am, [len(g) for g in wrapper.bit16_groups], [1] * len(wrapper.bit16_groups))
+    elif kind == "zero3":
+        _check_no_model_parallelism(wrapper)
+        group = _single_group(list(wrapper.sub_group_process_groups), "ZeRO-3 sub-groups")
+        n_groups = len(am.param_groups)
+        tensors = [0] * n_groups
+        calls = [0] * n_groups
+        for j, sub_group in enumerate(wrapper.fp16_groups):
+            k = wrapper.sub_group_to_group_id[j]
+            tensors[k] += len(sub_group)
+            calls[k] += 1
+        _validate_per_call_groups(am, tensors, calls)
+    elif kind == "bf16":
+        _check_no_model_parallelism(wrapper)
+        group = _single_group(list(wrapper.real_dp_process_group), "parameter groups")
+        _validate_one_call_flat(am, [len(g) for g in wrapper.bf16_groups])
+    elif kind == "fp16_fused":
+        _validate_one_call_flat(am, [len(g) for g in wrapper.fp16_groups])
+
+    if group is not None:
+        dp_group = getattr(wrapper, "dp_process_group", None)
+        if dp_group is not None and group is not dp_group and _same_group(group, dp_group):
+            group = dp_group  # ZeRO-3 keeps its own handle of the same ranks per parameter
+        if am.process_group is not None and not _same_group(am.process_group, group):
+            raise ValueError(
+                "attach_to_deepspeed: the AM optimizer was built with a process_group whose ranks differ "
+                "from DeepSpeed's ZeRO data-parallel group, over which its state is partitioned; build it "
+                "without process_group"
+            )
+        am.process_group = group
+
+    handles = []
+    if attached is not None:
+        for handle in attached["hooks"]:  # attached to an earlier engine: replace its hooks
+            handle.remove()
+    if kind == "zero3":
+        padding = _ZeroPaddingBeforeStep(_zero3_padding_spans(wrapper))
+        padding.zero(_AllPartitions(wrapper, am))  # before anything reads them, even outside step()
+        only_stepped = _OnlySteppedGroups()
+        handles = [
+            am.register_step_pre_hook(only_stepped.before),
+            am.register_step_pre_hook(padding),
+            am.register_step_post_hook(only_stepped.after),
+        ]
+    setattr(am, _ATTACHED, {"wrapper": wrapper, "kind": kind, "hooks": handles})
+    return am
+
+
+class _AllPartitions:
+    """Looks like the AM optimizer to the padding hook, but lists every ZeRO-3 partition.
+
+    Between steps ZeRO-3 leaves the AM optimizer's ``param_groups`` empty; the
+    partitions only appear there during their ``step()`` call.
+    """
+
+    def __init__(self, zero_opt, am):
+        self.param_groups = [{"params": list(zero_opt.fp32_partitioned_groups_flat)}]
+        self.state = am.state
