@@ -47,11 +47,12 @@ ERROR_CASES = {
     "3:sgd:model:one:sub=30": "scope='model' cannot be exact here: the parameters form 1 parameter group(s) stepped in 2",
 }
 CONTROL_CASE = "3:sgd:tensor:per_tensor:poison:nozero"
+NOATTACH_CASE = "2:adamw:model:one:noattach"
 
 
 @pytest.fixture(scope="module")
 def ds_results(tmp_path_factory):
-    cases = EXACT_CASES + list(ERROR_CASES) + [CONTROL_CASE]
+    cases = EXACT_CASES + list(ERROR_CASES) + [CONTROL_CASE, NOATTACH_CASE]
     # The first DeepSpeed run on a machine JIT-compiles a comm op (~25 s, cached afterwards).
     return dist_common.launch("dist_deepspeed.py", cases, tmp_path_factory.mktemp("ds"), timeout=420, torchrun=True)
 
@@ -90,6 +91,15 @@ def test_negative_control_unzeroed_padding_changes_the_run(ds_results):
     for r in ds_results:
         assert r[CONTROL_CASE]["error"] is None
         assert r[CONTROL_CASE]["max_param_diff"] > 1e-4, r[CONTROL_CASE]["max_param_diff"]
+
+
+def test_negative_control_without_attach_ranks_diverge(ds_results):
+    """Without attach_to_deepspeed every rank sums only its own partition: the betas differ between
+    the ranks and from the 1-process run, so the exact cases above do depend on the reduction."""
+    r0, r1 = ds_results[0][NOATTACH_CASE], ds_results[1][NOATTACH_CASE]
+    assert r0["error"] is None and r1["error"] is None
+    assert r0["betas"] != r1["betas"]
+    assert max(r0["max_param_diff"], r1["max_param_diff"]) > 1e-4, (r0["max_param_diff"], r1["max_param_diff"])
 
 
 # ------------------------------------------------------------- single-process checks

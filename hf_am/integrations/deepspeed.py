@@ -320,8 +320,10 @@ def attach_to_deepspeed(obj) -> AMOptimizer:
     wrapper = chain[-2] if len(chain) >= 2 and getattr(chain[-2], "optimizer", None) is am else None
     kind = _deepspeed_kind(wrapper)
     attached: Optional[Dict[str, Any]] = getattr(am, _ATTACHED, None)
-    if attached is not None and attached["wrapper"] is wrapper:
-        return am  # idempotent: the layout cannot change after deepspeed.initialize
+    if attached is not None and (attached["wrapper"] is wrapper or wrapper is None):
+        # Idempotent: the layout cannot change after deepspeed.initialize, and being handed
+        # the bare AM optimizer later (no wrapper in sight) must not undo the attachment.
+        return am
 
     if kind in ("zero12", "zero3", "bf16") and getattr(wrapper, "zenflow", False):
         raise ValueError(

@@ -5,7 +5,8 @@ flags: ``sub=N`` (ZeRO-3 ``sub_group_size``), ``poison`` (fill the ZeRO-3
 padding slots of the fp32 partitions with NaN after attaching, to stand for
 the uninitialised memory there, e.g. restored by a checkpoint load),
 ``nozero`` (the negative control: remove the hook that zeroes them),
-``accelerate`` (also attach through accelerate's wrappers).
+``accelerate`` (also attach through accelerate's wrappers), ``noattach``
+(the negative control: no ``attach_to_deepspeed`` at all).
 Every case builds a fresh model, engine and optimizer, trains a few steps on
 each rank's half of every global batch (fp32, ``gradient_clipping=0``) and
 compares with the 1-process run; a case whose ``attach_to_deepspeed`` raises
@@ -54,11 +55,16 @@ def run_case(rank, world, case):
     opt = dc.make_optimizer(name, dc.grouping(kind, model.named_parameters()), scope)
     engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, sub))
     zero_opt = engine.optimizer
-    try:
-        am = attach_to_deepspeed(engine)
-    except ValueError as exc:
-        return {"error": f"ValueError: {exc}"}
-    assert attach_to_deepspeed(ds_opt) is am  # idempotent, and finds it through the ZeRO optimizer too
+    if "noattach" in flags:  # negative control: no attach_to_deepspeed, so no reduction of the sums
+        am = opt
+        assert am.process_group is None
+    else:
+        try:
+            am = attach_to_deepspeed(engine)
+        except ValueError as exc:
+            return {"error": f"ValueError: {exc}"}
+        assert attach_to_deepspeed(ds_opt) is am  # idempotent, and finds it through the ZeRO optimizer too
+        assert am is opt and am.process_group is zero_opt.dp_process_group
     if "accelerate" in flags:  # what accelerate.prepare() hands the Trainer
         from accelerate.utils.deepspeed import DeepSpeedEngineWrapper, DeepSpeedOptimizerWrapper
 
@@ -68,8 +74,8 @@ def run_case(rank, world, case):
         wrapped.optimizer = ds_opt
         assert attach_to_deepspeed(wrapped) is am
         assert attach_to_deepspeed(DeepSpeedEngineWrapper(engine)) is am
+        assert attach_to_deepspeed(am) is am  # the bare optimizer later: keeps the attachment
         assert len(am._hf_am_deepspeed["hooks"]) == (3 if stage == 3 else 0)  # attached once, not stacked
-    assert am is opt and am.process_group is zero_opt.dp_process_group
     padding = 0
     if stage == 3:
         spans = _zero3_padding_spans(zero_opt)
