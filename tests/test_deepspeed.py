@@ -126,3 +126,14 @@ def test_attach_without_am_optimizer_is_a_clear_error():
     sgd = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
     with pytest.raises(TypeError, match="no hf_am.AMOptimizer found by following .optimizer from SGD"):
         attach_to_deepspeed(sgd)
+
+
+def test_zero3_padding_span_arithmetic():
+    """Padding can cover several ranks' slices, which DeepSpeed's own ``groups_padding`` (last rank only)
+    misses: 5 elements on 4 ranks are slices of 2, rank 2 holds [4, pad], rank 3 only padding."""
+    from hf_am.integrations.deepspeed import padding_span
+
+    assert [padding_span(5, 2, r) for r in range(4)] == [None, None, (1, 2), (0, 2)]
+    assert [padding_span(15, 8, r) for r in range(2)] == [None, (7, 8)]
+    assert [padding_span(48, 24, r) for r in range(2)] == [None, None]
+    assert [padding_span(1, 1, r) for r in range(3)] == [None, (0, 1), (0, 1)]

@@ -259,6 +259,17 @@ class _OnlySteppedGroups:
             self._saved = None
 
 
+def padding_span(numel: int, partition_size: int, rank: int) -> Optional[Tuple[int, int]]:
+    """``(start, end)`` of the padding inside rank ``rank``'s ZeRO-3 slice of one parameter, or ``None``.
+
+    DeepSpeed (``partition_parameters._partition_param``) gives rank ``r`` the
+    elements ``[r*s, (r+1)*s)`` of the flattened parameter padded to ``s * W``;
+    the positions at or beyond ``numel`` are padding.
+    """
+    valid = max(0, min(partition_size, numel - rank * partition_size))
+    return None if valid == partition_size else (valid, partition_size)
+
+
 def _zero3_padding_spans(zero_opt) -> List[Tuple[torch.Tensor, List[Tuple[int, int]]]]:
     """Per sub-group: the fp32 flat partition and the ``(start, end)`` padding slots this rank holds.
 
@@ -280,9 +291,9 @@ def _zero3_padding_spans(zero_opt) -> List[Tuple[torch.Tensor, List[Tuple[int, i
             s = int(p.partition_numel())
             pg = getattr(p, "ds_process_group", zero_opt.dp_process_group)
             r = dist.get_rank(group=pg)
-            valid = max(0, min(s, int(p.ds_numel) - r * s))
-            if valid < s:
-                spans.append((offset + valid, offset + s))
+            span = padding_span(int(p.ds_numel), s, r)
+            if span is not None:
+                spans.append((offset + span[0], offset + span[1]))
             offset += s
         out.append((flat, spans))
     return out
@@ -312,9 +323,10 @@ def attach_to_deepspeed(obj) -> AMOptimizer:
       partitions (uninitialised memory) and show the core only the group
       being stepped (see :class:`_OnlySteppedGroups`).
 
-    DeepSpeed clips gradients by default (``gradient_clipping``: 1.0 when the
-    Trainer/accelerate fill it in); that changes the gradients AM sees, on
-    every rank alike, so it is consistent but not the unclipped run.
+    DeepSpeed clips gradients by default (``gradient_clipping`` defaults to 1.0
+    in DeepSpeed 0.19; the Trainer fills in ``max_grad_norm``); the clipped
+    gradient is the same on every rank, so the sums stay exact, but the run
+    equals an unclipped one only with ``gradient_clipping: 0``.
     """
     am, chain = find_am_optimizer(obj)
     wrapper = chain[-2] if len(chain) >= 2 and getattr(chain[-2], "optimizer", None) is am else None
