@@ -39,7 +39,16 @@ pytestmark = pytest.mark.multiprocess
 RUNS = {
     "tensor": {"args": {"optim_args": "lam=0.1,scope=tensor"}},
     "model": {"args": {"optim_args": "scope=model,lam=0.2", "weight_decay": 0.0}},
-    "group_restart": {"args": {"optim_args": "scope=group,restart_threshold=0.6"}},
+    # with gradient accumulation, clipping and a warmup+cosine schedule (DeepSpeed does these itself)
+    "group_restart": {
+        "args": {
+            "optim_args": "scope=group,restart_threshold=0.6",
+            "gradient_accumulation_steps": 2,
+            "max_grad_norm": 0.5,
+            "lr_scheduler_type": "cosine",
+            "warmup_steps": 2,
+        }
+    },
     "sgd_model": {"args": {"optim": "am_sgd", "optim_args": "momentum=0.9", "weight_decay": 0.0, "learning_rate": 0.05}},
 }
 
@@ -188,8 +197,9 @@ def test_zero2_resume_is_bit_for_bit(model_dir, tmp_path):
 
 
 def test_deepspeed_misconfigurations_are_errors(model_dir, tmp_path):
-    """A config "optimizer" section next to --optim am_adamw, and scope=model over groups with different
-    weight decays, stop with a clear error instead of training with something else."""
+    """A config "optimizer" section next to --optim am_adamw, scope=model over groups with different
+    weight decays, and ZeRO-Offload with "zero_force_ds_cpu_optimizer": true stop with a clear error
+    instead of training with something else (one process is enough: these fail before any step)."""
     with_optimizer = ds_config(2)
     with_optimizer["optimizer"] = {"type": "AdamW", "params": {"lr": "auto"}}
     runs_ = [
@@ -203,24 +213,30 @@ def test_deepspeed_misconfigurations_are_errors(model_dir, tmp_path):
             "args": {"optim_args": "scope=model", "weight_decay": 0.1},
         },
     ]
+    forced = ds_config(2, offload_optimizer={"device": "cpu"})
+    forced["zero_force_ds_cpu_optimizer"] = True
+    runs_.append({"name": "offload_forced", "backend": "deepspeed", "deepspeed": forced, "expect_error": True, "steps": 1})
     got = run_worker(tmp_path, model_dir, runs_, nproc=1)
     err = got["optimizer_section"].get("error", "")
     assert "ValueError" in err and '"optimizer" section' in err and "am_adamw" in err, err
     err = got["model_scope_split"].get("error", "")
     assert "ValueError" in err and "scope='model'" in err and "weight_decay=0.1" in err and "scope=tensor" in err, err
+    err = got["offload_forced"].get("error", "")
+    assert "ValueError" in err and '"zero_force_ds_cpu_optimizer": false' in err and "set to true" in err, err
 
 
 def test_unmodified_script_under_accelerate_launch_ddp(model_dir, reference, tmp_path):
-    """``accelerate launch --multi_gpu`` with a CPU config (2 processes, DDP) runs ``-m hf_am.run``."""
+    """``accelerate launch --multi_gpu`` with a ``use_cpu`` config (2 processes, DDP on gloo) runs ``-m hf_am.run``
+    (``--cpu --num_processes 2`` would start one process only)."""
     cfg = os.path.join(str(tmp_path), "ddp_cpu.yaml")
     with open(cfg, "w") as f:
         f.write(
-            "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nmachine_rank: 0\nnum_machines: 1\n"
+            "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nmachine_rank: 0\nnum_machines: 1\n"
             "num_processes: 2\nuse_cpu: true\nmixed_precision: 'no'\nrdzv_backend: static\nsame_network: true\n"
         )
     results = os.path.join(str(tmp_path), "results.pt")
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", cfg, "--num_processes", "2",
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", cfg, "--multi_gpu", "--num_processes", "2",
         "--main_process_port", str(free_port()), "-m", "hf_am.run", SCRIPT,
         "--model_dir", model_dir, "--results", results, "--output_dir", str(tmp_path / "out"),
         "--optim", "am_adamw", "--optim_args", "lam=0.1,scope=tensor", "--weight_decay", "0.1",

@@ -109,7 +109,8 @@ def evidence(trainer) -> dict:
     if am is not None:
         # lr and weight decay per group as the optimizer sees them (the Trainer's split kept?)
         ev["group_weight_decays"] = sorted({float(g["weight_decay"]) for g in am.param_groups})
-        ev["group_sizes"] = sorted(len(g["params"]) for g in am.param_groups)
+        # tensors per group as built (ZeRO-3 empties the groups between its step() calls)
+        ev["group_sizes"] = sorted(int(g.get("am_init_tensors", len(g["params"]))) for g in am.param_groups)
     return ev
 
 
