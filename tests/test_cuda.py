@@ -1,0 +1,94 @@
+"""The optimizers on a CUDA device: same numbers as on CPU, and step() never synchronises.
+
+Skipped (with the reason) where no CUDA device is present; run on a GPU machine with
+``python -m pytest tests/test_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_am import AMAdamW, AMSGD
+from _problems import loss_fn, make_batches, make_model, max_param_diff, train, two_groups
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+OPTIMIZERS = {
+    "am_adamw": lambda params, **kw: AMAdamW(params, **{"lr": 1e-2, **kw}),
+    "am_sgd": lambda params, **kw: AMSGD(params, **{"lr": 5e-2, **kw}),
+}
+
+
+def _cuda_batches(n, dtype=torch.float32):
+    return [(x.cuda(), y.cuda()) for x, y in make_batches(n, dtype=dtype)]
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("scope", ["model", "group", "tensor"])
+@pytest.mark.parametrize("variant", [{}, {"restart_threshold": 0.4}, {"beta_min": 0.5}])
+def test_step_never_synchronises_on_cuda(name, scope, variant):
+    """torch's sync debug mode turns every host-device synchronisation into an error."""
+    model = make_model().cuda()
+    opt = OPTIMIZERS[name](two_groups(model), scope=scope, **variant)
+    batches = _cuda_batches(5)
+    train(model, opt, batches[:1])  # first step: lazy state, cached index tensors
+    for batch in batches[1:]:
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+            summary = opt.beta_summary_tensor()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert summary.is_cuda and summary.shape == (4,)
+
+
+def test_sync_debug_mode_catches_a_sync():
+    """Negative control for the test above."""
+    t = torch.ones((), device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError):
+            t.item()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("scope", ["model", "tensor"])
+def test_cuda_matches_cpu_and_reference(name, scope):
+    batches = make_batches(20, dtype=torch.float64)
+    cpu_model, ref_model, fast_model = make_model(dtype=torch.float64), make_model(dtype=torch.float64), make_model(dtype=torch.float64)
+    ref_model.cuda()
+    fast_model.cuda()
+    cpu = OPTIMIZERS[name](two_groups(cpu_model), scope=scope)
+    ref = OPTIMIZERS[name](two_groups(ref_model), scope=scope, foreach=False)
+    fast = OPTIMIZERS[name](two_groups(fast_model), scope=scope, foreach=True)
+    train(cpu_model, cpu, batches)
+    cuda_batches = [(x.cuda(), y.cuda()) for x, y in batches]
+    train(ref_model, ref, cuda_batches)
+    train(fast_model, fast, cuda_batches)
+    assert max_param_diff(ref_model.cpu(), fast_model.cpu()) < 1e-12
+    assert max_param_diff(cpu_model, fast_model) < 1e-10
+
+
+def test_pinned_am_adamw_is_torch_adamw_on_cuda():
+    batches = _cuda_batches(30)
+    a, b = make_model().cuda(), make_model().cuda()
+    ref = torch.optim.AdamW(two_groups(a), lr=1e-2, betas=(0.9, 0.99))
+    am = AMAdamW(two_groups(b), lr=1e-2, betas=(0.9, 0.99), lam=0.0, beta_min=0.9)
+    train(a, ref, batches)
+    train(b, am, batches)
+    assert max_param_diff(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_bf16_on_cuda_trains(name):
+    model = make_model(dtype=torch.bfloat16).cuda()
+    opt = OPTIMIZERS[name](model.parameters())
+    losses = train(model, opt, _cuda_batches(30, dtype=torch.bfloat16) * 2)
+    assert all(l == l and abs(l) < 1e3 for l in losses)
+    assert sum(losses[-10:]) < sum(losses[:10])
