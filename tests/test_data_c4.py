@@ -159,3 +159,15 @@ def test_eval_set_is_fixed(bpe):
     assert batch["input_ids"].shape == (4, SEQ)
     assert (batch["labels"] == batch["input_ids"]).all()
     assert batch["input_ids"].tolist() == a[:4]
+
+
+def test_corpus_and_bpe_rebuild_bit_identical(bpe, tmp_path, monkeypatch):
+    first = c4_data.cache_root()
+    monkeypatch.setenv("HF_AM_CACHE", str(tmp_path))
+    assert c4_data.cache_root() == tmp_path
+    rebuilt = c4_data.build_local_corpus()
+    c4_data.load_tokenizer("local-bpe")
+    for a, b in zip(c4_data.local_corpus_files(first / rebuilt.name)["train"], c4_data.local_corpus_files(rebuilt)["train"]):
+        assert Path(a).read_bytes() == Path(b).read_bytes()
+    name = f"tokenizer_local-bpe_{c4_data.CORPUS_VERSION}/tokenizer.json"
+    assert (first / name).read_bytes() == (tmp_path / name).read_bytes()
