@@ -139,7 +139,9 @@ def parse_optim_args(optim, optim_args: Optional[str]) -> Dict[str, Any]:
         key, sep, raw = item.partition("=")
         key, raw = key.strip(), raw.strip()
         if not sep or not key or not raw:
-            raise ValueError(f"{where}: malformed item {item!r}; expected key=value. Allowed: {allowed_optim_args(name)}")
+            raise ValueError(
+                f"{where}: malformed item {item!r}; expected key=value. Allowed: {allowed_optim_args(name)}"
+            )
         if key not in specs:
             hint = f" Set it with {_TRAINER_FLAGS[key]} instead." if key in _TRAINER_FLAGS else ""
             raise ValueError(f"{where}: unknown key {key!r}.{hint} Allowed keys: {allowed_optim_args(name)}")
@@ -269,7 +271,8 @@ def _deepspeed_config_dicts(args) -> List[dict]:
     for plugin in plugins:
         if plugin is None:
             continue
-        for cfg in (getattr(plugin, "deepspeed_config", None), getattr(getattr(plugin, "hf_ds_config", None), "config", None)):
+        hf_ds_config = getattr(plugin, "hf_ds_config", None)
+        for cfg in (getattr(plugin, "deepspeed_config", None), getattr(hf_ds_config, "config", None)):
             if isinstance(cfg, dict):
                 dicts[id(cfg)] = cfg
     hf_cfg = getattr(getattr(args, "hf_deepspeed_config", None), "config", None)
@@ -345,7 +348,10 @@ def _wrapper_chain(obj) -> List[Any]:
 
 
 def _is_deepspeed_wrapped(optimizer) -> bool:
-    return any(type(o).__module__.startswith("deepspeed.") or type(o).__name__ == "DeepSpeedOptimizerWrapper" for o in _wrapper_chain(optimizer))
+    return any(
+        type(o).__module__.startswith("deepspeed.") or type(o).__name__ == "DeepSpeedOptimizerWrapper"
+        for o in _wrapper_chain(optimizer)
+    )
 
 
 # ------------------------------------------------------------------------------ callback
