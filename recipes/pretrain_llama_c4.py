@@ -160,6 +160,8 @@ def build_parser(argv: list[str]) -> HfArgumentParser:
         remove_unused_columns=False,
         logging_nan_inf_filter=False,  # divergence must show in the logs, not be averaged away
         dataloader_pin_memory=torch.cuda.is_available(),
+        # without an accelerator, torchrun / accelerate multi-process runs need use_cpu for gloo DDP
+        use_cpu=not torch.cuda.is_available(),
     )
     pre = _pre_parse(argv)
     if pre.model_size is not None:
@@ -305,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     tok_name = c4_data.resolve_tokenizer_name(data_args.tokenizer_name, dataset)
     if training_args.process_index == 0:
         logger.info("data: %s | tokenizer: %s | optim: %s | world %d | %d seq x %d tok per step",
-                    dataset, tok_name, training_args.optim, world, sequences_per_step, data_args.seq_len)
+                    dataset, tok_name, getattr(training_args.optim, "value", training_args.optim), world, sequences_per_step, data_args.seq_len)
     with training_args.main_process_first(desc="corpus/tokenizer build"):
         tokenizer = c4_data.load_tokenizer(tok_name)
         if dataset == "local":

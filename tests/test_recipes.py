@@ -122,10 +122,17 @@ def test_scale_study_2x2_grid_writes_table_and_plots(tmp_path):
     assert len(list(csv.DictReader(open(out / "results.csv")))) == 4
 
 
+LAUNCHERS = {
+    "torchrun": ["torchrun", "--standalone", "--nproc_per_node", "2"],
+    "accelerate": ["accelerate", "launch", "--config_file", str(ROOT / "recipes/accelerate_configs/cpu_2proc.yaml")],
+}
+
+
 @pytest.mark.multiprocess
-def test_recipe_two_cpu_processes(tmp_path):
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_recipe_two_cpu_processes(tmp_path, launcher):
     out = tmp_path / "ddp"
-    _run(["torchrun", "--standalone", "--nproc_per_node", "2", str(RECIPE), "--model_size", "tiny",
+    _run([*LAUNCHERS[launcher], str(RECIPE), "--model_size", "tiny",
           "--variant", "no_warmup", "--optim", "adamw_torch", "--output_dir", str(out), "--disable_tqdm", "true",
           *FAST], timeout=600)
     s = json.loads((out / "run_summary.json").read_text())
