@@ -37,7 +37,7 @@ def adaptive_beta(
     if loss_delta is not None:
         numerator = numerator + loss_delta
     numerator = numerator * (1.0 + lam)
-    positive_c = C > 0
+    positive_c = ~(C <= 0)  # NaN counts as positive, so a NaN sum gives a NaN beta, not a silent corner
     # C == 0 means g == d on the whole scope: alpha is 0 or 1 by the sign of the numerator.
     safe_c = torch.where(positive_c, C, torch.ones_like(C))
     alpha = torch.where(positive_c, numerator / safe_c, torch.where(numerator > 0, 1.0, 0.0).to(C.dtype))

@@ -198,7 +198,7 @@ class AMOptimizer(torch.optim.Optimizer):
                 index_by_key.setdefault(key, []).append(plan.scope_ids[i])
             groups_by_key.update(plan.groups_for_key)
         scope_sums = torch.zeros(n_scopes, 3, dtype=acc, device=device)
-        for key in sorted(by_key, key=lambda k: (k is not None, str(k))):
+        for key in by_key:  # first-appearance order: the same on every rank (same param order)
             rows = torch.stack(by_key[key])
             part = torch.zeros(n_scopes, 3, dtype=acc, device=device)
             part.index_add_(0, self._index_tensor(index_by_key[key], device), rows)
@@ -242,7 +242,7 @@ class AMOptimizer(torch.optim.Optimizer):
                     "parameter groups separately. Put every parameter in one group, or use scope='group'/'tensor'"
                 )
         for group_index, group in enumerate(call_groups):
-            if self.scope == "tensor" and sharded_opt and len(group["params"]) < group[INIT_TENSORS]:
+            if self.scope == "tensor" and sharded_opt and group["params"] and len(group["params"]) < group[INIT_TENSORS]:
                 raise ValueError(
                     f"scope='tensor' needs one parameter group per tensor under a flat partition: param group "
                     f"{group_index} had {group[INIT_TENSORS]} tensors and now holds {len(group['params'])} "
@@ -339,7 +339,9 @@ class AMOptimizer(torch.optim.Optimizer):
         for plan in plans:
             sid = plan.scope_ids[0]
             local[sid] = local.get(sid, 0) + sum(lp.numel() for lp, k in zip(plan.local_params, plan.keys) if k == key)
-            expected[sid] = expected.get(sid, 0) + plan.group[INIT_NUMEL]
+            # Tensors reduced over another group (or none) are whole here: not part of this count.
+            others = sum(optional_numel(p) for p, k in zip(plan.params, plan.keys) if k != key)
+            expected[sid] = expected.get(sid, 0) + plan.group[INIT_NUMEL] - others
         total = dict(local)
         for pg in pgroups:
             gathered = gather_objects(total, pg)
