@@ -354,6 +354,60 @@ def _is_deepspeed_wrapped(optimizer) -> bool:
     )
 
 
+def fsdp1_process_group(model) -> Tuple[Any, bool]:
+    """``(group, use_orig_params)`` of the FSDP1 (``FullyShardedDataParallel``) units in ``model``,
+    or ``(None, False)`` without FSDP1.  With ``HYBRID_SHARD`` the group is the sharding group."""
+    if not isinstance(model, torch.nn.Module):
+        return None, False
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover
+        return None, False
+    units = [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
+    if not units:
+        return None, False
+    import torch.distributed as dist
+
+    groups = {tuple(dist.get_process_group_ranks(u.process_group)): u.process_group for u in units}
+    if len(groups) > 1:
+        raise ValueError(
+            f"FSDP1 units shard over different process groups (ranks {sorted(groups)}); an AM optimizer sums "
+            "its beta formula over one group. Use one sharding group (or FSDP2, whose DTensors carry their mesh)."
+        )
+    return next(iter(groups.values())), all(getattr(u, "_use_orig_params", False) for u in units)
+
+
+def connect_optimizer(model, optimizer) -> Optional[torch.optim.Optimizer]:
+    """Wire the AM optimizer inside ``optimizer`` to the backend that shards its parameters; return it.
+
+    * DeepSpeed: :func:`hf_am.integrations.deepspeed.attach_to_deepspeed` (ZeRO's data-parallel group,
+      ZeRO-3 padding, scope checks).
+    * FSDP1 with ``use_orig_params=True``: ``process_group`` = the FSDP sharding group (parameters are
+      flat views of this rank's shard).  Without ``use_orig_params`` only ``scope="model"`` is exact
+      (several tensors share one FlatParameter): other scopes are a ``ValueError``.
+    * FSDP2 / DTensor parameters, DDP, one process: nothing to do.
+    """
+    am = find_am_optimizer(optimizer)
+    if am is None:
+        return None
+    if _is_deepspeed_wrapped(optimizer):
+        from hf_am.integrations.deepspeed import attach_to_deepspeed
+
+        attach_to_deepspeed(optimizer)
+        return am
+    group, orig_params = fsdp1_process_group(model)
+    if group is not None:
+        if not orig_params and am.scope != "model":
+            raise ValueError(
+                f"FSDP1 without use_orig_params flattens several tensors into one FlatParameter, so "
+                f"scope={am.scope!r} cannot be computed per tensor/group. Set fsdp_use_orig_params: true, "
+                "use FSDP2, or --optim_args scope=model."
+            )
+        if am.process_group is None:
+            am.process_group = group
+    return am
+
+
 # ------------------------------------------------------------------------------ callback
 class _AMCallbackLogic:
     """The body of :class:`AMTrainerCallback` (which adds ``transformers.TrainerCallback`` as a base).
@@ -364,8 +418,8 @@ class _AMCallbackLogic:
       :func:`prepare_deepspeed_config`) as soon as the Trainer exists.
     * ``on_train_begin``: finds the AM optimizer inside the wrappers; when
       ``--optim am_*`` was requested and the optimizer in use is something else,
-      raises instead of training silently with it.  Under DeepSpeed it calls
-      :func:`hf_am.integrations.deepspeed.attach_to_deepspeed`.
+      raises instead of training silently with it.  Then :func:`connect_optimizer`
+      (DeepSpeed: ``attach_to_deepspeed``; FSDP1: the sharding group).
     * ``on_optimizer_step``: accumulates ``optimizer.beta_summary_tensor()`` on the
       device (no host sync).
     * ``on_log``: for training logs (those with ``"loss"``), reads the accumulators
@@ -401,10 +455,7 @@ class _AMCallbackLogic:
                     "optimizer passed to Trainer(optimizers=...) overrides --optim."
                 )
             return
-        if _is_deepspeed_wrapped(optimizer):
-            from hf_am.integrations.deepspeed import attach_to_deepspeed
-
-            attach_to_deepspeed(optimizer)
+        connect_optimizer(model, optimizer)
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self._am is None:
@@ -597,6 +648,8 @@ __all__ = [
     "OPTIMIZER_NAMES",
     "allowed_optim_args",
     "arrange_param_groups_for_deepspeed",
+    "connect_optimizer",
+    "fsdp1_process_group",
     "find_am_optimizer",
     "optimizer_kwargs_from_args",
     "parse_optim_args",

@@ -13,6 +13,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
+WORKERS_DIR = HERE
 WORKER = os.path.join(HERE, "trainer_worker.py")
 SCRIPT = os.path.join(HERE, "trainer_script.py")
 
