@@ -23,6 +23,15 @@ from hf_am.integrations import trainer as integration  # noqa: E402
 from hf_am.integrations.trainer import arrange_param_groups_for_deepspeed, parse_optim_args  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Trainers built in this process leave accelerate's singletons behind; clear them for later tests."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from trainer_common import save_tiny_model
