@@ -60,8 +60,22 @@ def all_reduce_sum(tensor: torch.Tensor, groups: Sequence) -> torch.Tensor:
     import torch.distributed as dist
 
     for group in groups:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        if tensor.device.type == "cpu" and _needs_device_tensor(group):
+            # ZeRO-Offload keeps the fp32 partitions (and so these sums) on the CPU, while the
+            # data-parallel group may be NCCL-only: reduce a device copy.
+            on_device = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_device, op=dist.ReduceOp.SUM, group=group)
+            tensor.copy_(on_device)
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+def _needs_device_tensor(group) -> bool:
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(group)).lower()
+    return "nccl" in backend and "gloo" not in backend and "cpu:" not in backend
 
 
 def gather_objects(obj, group) -> list:
