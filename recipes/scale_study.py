@@ -451,23 +451,35 @@ def plot(rows: list[dict], summaries: dict, plot_dir: Path) -> list[Path]:
     am_runs = [(r, am_series(summaries[r["run"]])) for r in done]
     am_runs = [(r, s) for r, s in am_runs if s]
     if am_runs:
-        keys = sorted({k for _, s in am_runs for k in s})
-        fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.6 * len(keys) + 0.8), squeeze=False)
-        for ax, key in zip(axes[:, 0], keys):
-            labelled = set()
+        # beta_t: the mean over scopes as a line, the [min, max] over scopes as a band; then
+        # any other am_* key that is not constant (e.g. restarts) in its own panel
+        others = sorted({k for _, s in am_runs for k in s if k not in {"am_beta", "am_beta_min", "am_beta_max"}
+                         and len({v for _, v in s[k]}) > 1})
+        fig, axes = plt.subplots(1 + len(others), 1, figsize=(7.5, 4.2 + 2.4 * len(others)), squeeze=False)
+        ax = axes[0, 0]
+        color_cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, (r, s) in enumerate(am_runs):
+            color = color_cycle[i % len(color_cycle)]
+            label = f"{r['size']}, {_label(r['optim'], r['variant'])}, seed {r['seed']}"
+            if "am_beta" in s:
+                xs, ys = zip(*s["am_beta"])
+                ax.plot(xs, ys, _STYLES.get(r["variant"], ":"), color=color, lw=1.2, label=label)
+            if "am_beta_min" in s and "am_beta_max" in s and len(s["am_beta_min"]) == len(s["am_beta_max"]):
+                xs, lo = zip(*s["am_beta_min"])
+                _, hi = zip(*s["am_beta_max"])
+                ax.fill_between(xs, lo, hi, color=color, alpha=0.08)
+        ax.set_ylabel("beta_t (mean over scopes; band: min-max)")
+        ax.set_title("AM optimizers: beta_t over training")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        for ax, key in zip(axes[1:, 0], others):
             for r, s in am_runs:
-                if key not in s:
-                    continue
-                xs, ys = zip(*s[key])
-                label = f"{r['size']}, {_label(r['optim'], r['variant'])}"
-                ax.plot(xs, ys, _STYLES.get(r["variant"], ":"), lw=1.1, alpha=0.85,
-                        label=None if label in labelled else label)
-                labelled.add(label)
+                if key in s:
+                    xs, ys = zip(*s[key])
+                    ax.plot(xs, ys, _STYLES.get(r["variant"], ":"), lw=1.1)
             ax.set_ylabel(key)
             ax.grid(alpha=0.3)
         axes[-1, 0].set_xlabel("training tokens")
-        axes[0, 0].set_title("AM optimizers: beta_t statistics over training")
-        axes[0, 0].legend(fontsize=8)
         fig.tight_layout()
         path = plot_dir / "beta_t.png"
         fig.savefig(path, dpi=110)
