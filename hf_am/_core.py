@@ -46,6 +46,11 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def is_low_precision(tensors) -> bool:
+    """True when the tensors are not all of one float32/float64 dtype (the fast path's assumption)."""
+    return any(t.dtype != accumulation_dtype(t.dtype) for t in tensors) or len({t.dtype for t in tensors}) > 1
+
+
 def _check_range(name: str, value, ok: bool, allowed: str) -> None:
     if not ok:
         raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
@@ -126,6 +131,8 @@ class AMOptimizer(torch.optim.Optimizer):
         bmax = beta_max[0] if self.beta_max_key == "betas" else beta_max
         _check_range(name, bmax, _is_real(bmax) and 0.0 <= bmax < 1.0, "0 <= beta_max < 1")
         _check_range("beta_min", beta_min, _is_real(beta_min) and 0.0 <= beta_min <= bmax, f"0 <= beta_min <= beta_max = {bmax}")
+        if group.get("foreach") not in (None, True, False):
+            raise TypeError(f"Invalid foreach: {group['foreach']!r} (allowed: None, True, False)")
         threshold = group["restart_threshold"]
         if threshold is not None:
             _check_range(

@@ -6,7 +6,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._core import BETA, PROD, RESTARTS, AMOptimizer, GroupPlan, _check_range, _is_real, accumulation_dtype
+from ._core import PROD, AMOptimizer, GroupPlan, _check_range, _is_real, accumulation_dtype, is_low_precision
 from ._sharding import local_view
 from ._tiling import is_whole, plan_tiles, views
 
@@ -78,8 +78,6 @@ class AMAdamW(AMOptimizer):
         _check_range("betas[1] (beta2)", beta2, _is_real(beta2) and 0.0 <= beta2 < 1.0, "0 <= beta2 < 1")
         eps = group["eps"]
         _check_range("eps", eps, _is_real(eps) and eps > 0.0, "eps > 0")
-        if group["foreach"] not in (None, True, False):
-            raise TypeError(f"Invalid foreach: {group['foreach']!r} (allowed: None, True, False)")
 
     def _init_state(self, plans: List[GroupPlan]) -> None:
         for plan in plans:
@@ -174,10 +172,6 @@ def _update_reference(params, grads, exp_avgs, exp_avg_sqs, denoms, beta_eff, re
 # ---------------------------------------------------------------------------
 # Multi-tensor path, tile by tile (see _tiling.py).
 # ---------------------------------------------------------------------------
-def _is_low_precision(tensors) -> bool:
-    return any(t.dtype != accumulation_dtype(t.dtype) for t in tensors) or len({t.dtype for t in tensors}) > 1
-
-
 def _denominators(exp_avg_sqs, bias_correction2_sqrt, eps):
     """D = sqrt(v) / sqrt(1 - beta2^t) + eps, as new tensors."""
     denoms = torch._foreach_sqrt(exp_avg_sqs)
@@ -187,7 +181,7 @@ def _denominators(exp_avg_sqs, bias_correction2_sqrt, eps):
 
 
 def _sums_foreach(grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps):
-    if _is_low_precision(grads):
+    if is_low_precision(grads):
         return _sums_reference(grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps)
     acc = grads[0].dtype
     n = len(grads)

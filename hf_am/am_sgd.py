@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import torch
 
-from ._core import AMOptimizer, GroupPlan, accumulation_dtype
+from ._core import AMOptimizer, GroupPlan, accumulation_dtype, is_low_precision
 from ._sharding import local_view
 from ._tiling import is_whole, plan_tiles, views
 
@@ -54,11 +54,6 @@ class AMSGD(AMOptimizer):
         )
         super().__init__(params, defaults, scope=scope, loss_estimate=loss_estimate, process_group=process_group)
 
-    def _validate_group(self, group) -> None:
-        super()._validate_group(group)
-        if group["foreach"] not in (None, True, False):
-            raise TypeError(f"Invalid foreach: {group['foreach']!r} (allowed: None, True, False)")
-
     def _init_state(self, plans: List[GroupPlan]) -> None:
         for plan in plans:
             for p, lp in zip(plan.params, plan.local_params):
@@ -71,7 +66,7 @@ class AMSGD(AMOptimizer):
         torch._foreach_add_([s["step"] for s in states], 1.0)
         buffers = [local_view(s["momentum_buffer"]) if "momentum_buffer" in s else None for s in states]
         wd = plan.group["weight_decay"]
-        if plan.group["foreach"] is False or any(b is None for b in buffers) or _is_low_precision(plan.local_params):
+        if plan.group["foreach"] is False or any(b is None for b in buffers) or is_low_precision(plan.local_params):
             # Reference path (also the first step, whose d = 0 needs no fast path).
             grads = _decayed_gradients(plan.local_grads, plan.local_params, wd)
             plan.scratch = ("reference", grads)
@@ -92,10 +87,6 @@ class AMSGD(AMOptimizer):
             buffers = [local_view(s["momentum_buffer"]) for s in states]
             _update_foreach(plan.local_params, plan.local_grads, buffers, kept, keep, lr, plan.group["weight_decay"])
         plan.scratch = None
-
-
-def _is_low_precision(tensors) -> bool:
-    return any(t.dtype != accumulation_dtype(t.dtype) for t in tensors) or len({t.dtype for t in tensors}) > 1
 
 
 def _decayed_gradients(grads, params, weight_decay):

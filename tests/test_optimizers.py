@@ -378,6 +378,8 @@ def test_bad_arguments_are_clear_errors(name, kwargs, match):
 def test_bad_types_are_type_errors():
     with pytest.raises(TypeError, match="betas"):
         AMAdamW(make_model().parameters(), betas=0.9)
+    with pytest.raises(TypeError, match="foreach.*'yes'"):
+        AMSGD(make_model().parameters(), foreach="yes")
     with pytest.raises(TypeError, match="real"):
         AMAdamW([torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))])
 
