@@ -230,7 +230,8 @@ class AMOptimizer(torch.optim.Optimizer):
             idx = self._index_tensor(plan.scope_ids, device)
             self._apply_update(plan, beta_eff.index_select(0, idx), restart.index_select(0, idx))
             self._record(plan, beta_used.index_select(0, idx), restart.index_select(0, idx), loss, acc)
-            plan.group[PREV_LR] = plan.group["lr"]
+            lr = plan.group["lr"]  # a tensor lr is updated in place by schedulers: keep a copy
+            plan.group[PREV_LR] = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
         return loss
 
     # ----------------------------------------------------------- the pieces

@@ -230,7 +230,9 @@ def _update_foreach(params, grads, exp_avgs, exp_avg_sqs, scratch, beta_eff, res
     keep = list((1.0 - restart.to(acc)).unbind(0))
     # p -= lr * m / (1 - prod) / D is written p += m / (D * step), step = -(1 - prod) / lr, and
     # D * step = sqrt(v) * (step / sqrt(1 - beta2^t)) + eps * step when D is recomputed.
-    step = -(1.0 - prods_new.to(acc)) / lr
+    # lr == 0 (a warmup's first step) leaves x as it is; dividing by it would make 0 * inf = NaN.
+    frozen = not isinstance(lr, torch.Tensor) and lr == 0
+    step = -(1.0 - prods_new.to(acc)) / (1.0 if frozen else lr)
     step_list = list(step.unbind(0))
     sqrt_v_scale = list((step / torch.stack(bc2_sqrt)).unbind(0))
     eps_step = list((eps * step).unbind(0))
@@ -244,11 +246,18 @@ def _update_foreach(params, grads, exp_avgs, exp_avg_sqs, scratch, beta_eff, res
             torch._foreach_mul_(scaled_denoms, step_list)
         else:  # recomputing D from v is cheaper than keeping it when the tile is in cache
             scaled_denoms = torch._foreach_sqrt(views(exp_avg_sqs, tile))
-            torch._foreach_mul_(scaled_denoms, [sqrt_v_scale[i] for i in idx])
-            torch._foreach_add_(scaled_denoms, [eps_step[i] for i in idx])
+            if isinstance(lr, torch.Tensor):  # may be 0: scale D itself (D > 0, so no 0 * inf)
+                torch._foreach_div_(scaled_denoms, [bc2_sqrt[i] for i in idx])
+                torch._foreach_add_(scaled_denoms, eps)
+                torch._foreach_mul_(scaled_denoms, [step_list[i] for i in idx])
+            else:
+                torch._foreach_mul_(scaled_denoms, [sqrt_v_scale[i] for i in idx])
+                torch._foreach_add_(scaled_denoms, [eps_step[i] for i in idx])
         if weight_decay != 0:
             torch._foreach_mul_(p, 1.0 - lr * weight_decay)
         if has_restarts:
             torch._foreach_mul_(m, [keep[i] for i in idx])
         torch._foreach_lerp_(m, g, [weights[i] for i in idx])
+        if frozen:
+            continue
         torch._foreach_addcdiv_(p, m, scaled_denoms)

@@ -250,6 +250,46 @@ def test_cpu_tiling_does_not_change_the_result(name, tile, monkeypatch):
     assert max_param_diff(*models) < 1e-6
 
 
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("tile", [7, 1 << 30])
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_zero_learning_rate_warmup_start_is_finite(name, tile, tensor_lr, monkeypatch):
+    """A schedule that starts at lr=0 leaves x unchanged on that step and never produces NaN."""
+    import hf_am._tiling as tiling
+
+    monkeypatch.setattr(tiling, "CPU_TILE_ELEMENTS", tile)
+    batches = make_batches(8)
+    models = [make_model(), make_model()]
+    lr = (lambda: torch.tensor(1e-2)) if tensor_lr else (lambda: 1e-2)
+    opts = [OPTIMIZERS[name](m.parameters(), lr=lr(), foreach=fe) for m, fe in zip(models, (False, True))]
+    for model, opt in zip(models, opts):
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: s / 4)  # lr = 0 on the first step
+        before = [p.detach().clone() for p in model.parameters()]
+        for step, batch in enumerate(batches):
+            opt.zero_grad()
+            loss_fn(model, batch).backward()
+            model[0].weight.grad[0].zero_()  # an unused row (like an embedding): v stays 0 there
+            opt.step()
+            sched.step()
+            if step == 0:
+                assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert max_param_diff(*models) < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_tensor_learning_rate_equals_float_learning_rate(name):
+    """Schedulers update a tensor lr in place; the previous lr must still be the previous one."""
+    batches = make_batches(10)
+    results = []
+    for lr in (1e-2, torch.tensor(1e-2)):
+        model = make_model()
+        opt = OPTIMIZERS[name](model.parameters(), lr=lr)
+        train(model, opt, batches, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 + s % 3))
+        results.append(model)
+    assert max_param_diff(*results) < 1e-6
+
+
 # ----------------------------------------------------------- 5. state_dict round trip
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
