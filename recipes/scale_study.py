@@ -42,18 +42,14 @@ FAILED_FILE = "failed.json"
 
 # Grids. Learning rates: the same peak for both optimizers (the study's premise). The tiny
 # CPU size uses a high peak LR so that the effect of warmup is visible at this scale.
-# ``foreach=false`` for the AM runs: the multi-tensor (foreach) AM-AdamW step returns NaN
-# parameters when the learning rate is exactly 0, which is the first step of the Trainer's
-# linear warmup; the per-tensor path is unaffected. Drop it once hf_am fixes that.
-_AM_CPU_ARGS = "foreach=false"
 PRESETS: dict[str, dict] = {
     "demo": dict(sizes=["tiny"], optims=["adamw_torch", "am_adamw"], variants=["warmup", "no_warmup"], seeds=[0],
-                 output_dir="study_runs/demo", jobs=2, am_optim_args=_AM_CPU_ARGS),
+                 output_dir="study_runs/demo", jobs=2),
     "small": dict(sizes=["tiny"], optims=["adamw_torch", "am_adamw"], variants=["warmup", "no_warmup"],
-                  seeds=[0, 1, 2], output_dir="study_runs/small", jobs=2, am_optim_args=_AM_CPU_ARGS),
+                  seeds=[0, 1, 2], output_dir="study_runs/small", jobs=2),
     "cpu-scales": dict(sizes=["tiny", "small"], optims=["adamw_torch", "am_adamw"],
                        variants=["warmup", "no_warmup"], seeds=[0, 1, 2], output_dir="study_runs/cpu_scales",
-                       jobs=2, am_optim_args=_AM_CPU_ARGS),
+                       jobs=2),
     "paper": dict(sizes=["60m", "130m", "350m", "1b"], optims=["adamw_torch", "am_adamw"],
                   variants=["warmup", "no_warmup"], seeds=[0], output_dir="study_runs/paper"),
 }
