@@ -13,7 +13,7 @@ One device::
 
 Many devices::
 
-    accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml \
+    accelerate launch --config_file accelerate_configs/multi_gpu_ddp.yaml \
         recipes/pretrain_llama_c4.py --model_size 350m --variant warmup --optim adamw_torch ...
 
 Sizes (``--model_size``) pick a config in ``recipes/configs`` and the training defaults in

@@ -19,6 +19,7 @@ JSONS = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.json")))
 
 EXPECTED = {
     "single_gpu.yaml": ("NO", 1),
+    "cpu_2proc.yaml": ("MULTI_GPU", 1),  # two CPU processes (gloo), what the tests and CPU recipes use
     "multi_gpu_ddp.yaml": ("MULTI_GPU", 1),
     "fsdp2.yaml": ("FSDP", 1),
     "deepspeed_zero2.yaml": ("DEEPSPEED", 1),
@@ -48,7 +49,7 @@ def test_config_loads_and_references_exist(path):
     kind, machines = EXPECTED.get(name, (None, None))
     if kind is not None:
         assert cfg.distributed_type.value == kind and cfg.num_machines == machines, (name, cfg)
-    assert cfg.use_cpu is False
+    assert cfg.use_cpu is (name.startswith("cpu_"))
     if cfg.distributed_type.value == "DEEPSPEED":
         ds_file = cfg.deepspeed_config["deepspeed_config_file"]
         assert os.path.isfile(os.path.join(REPO, ds_file)), f"{name}: {ds_file} does not exist (relative to the repo root)"

@@ -122,7 +122,7 @@ def test_scale_study_2x2_grid_writes_table_and_plots(tmp_path):
 
 LAUNCHERS = {
     "torchrun": ["torchrun", "--standalone", "--nproc_per_node", "2"],
-    "accelerate": ["accelerate", "launch", "--config_file", str(ROOT / "recipes/accelerate_configs/cpu_2proc.yaml")],
+    "accelerate": ["accelerate", "launch", "--config_file", str(ROOT / "accelerate_configs/cpu_2proc.yaml")],
 }
 
 
