@@ -2,8 +2,9 @@
 
 Parameters come in LLaMA-like shapes (embedding, attention and MLP matrices,
 norm vectors), sized from 1M to 100M.  Each optimizer steps the same tensors
-with the same gradients; the table gives the median step time and the ratio to
-the baseline measured in the same process.
+with the same gradients, in several rounds (each optimizer built afresh in
+every round); the table gives the median step time over rounds, its range, and
+the ratio to the baseline measured in the same process.
 
     python benchmarks/optimizer_overhead.py                 # 1M, 5M, 25M, 100M
     python benchmarks/optimizer_overhead.py --sizes 25 --repeats 20 --markdown out.md
@@ -47,25 +48,28 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     )
 
 
-def time_steps(opt, params, grads, repeats: int, warmup: int = 2) -> float:
-    for p, g in zip(params, grads):
-        p.grad = g
-    for _ in range(warmup):
-        opt.step()
+def time_optimizer(make, params, repeats: int, warmup: int = 3):
+    """Median step time of a fresh optimizer over ``repeats`` steps after ``warmup`` steps."""
+    opt = make(params)
     times = []
-    for _ in range(repeats):
+    for r in range(warmup + repeats):
         t0 = time.perf_counter()
         opt.step()
         if params[0].is_cuda:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        if r >= warmup:
+            times.append(time.perf_counter() - t0)
+    nbytes = state_bytes(opt)
+    del opt
+    gc.collect()
+    return statistics.median(times), nbytes
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=float, nargs="+", default=[1, 5, 25, 100], help="millions of parameters")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="fresh optimizers per candidate")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
@@ -87,7 +91,7 @@ def main(argv=None) -> int:
     baseline_of = {"AM-AdamW tensor": "AdamW (foreach)", "AM-AdamW model": "AdamW (foreach)",
                    "AdamW (fused)": "AdamW (foreach)", "AM-SGD model": "SGD (foreach)", "AM-SGD tensor": "SGD (foreach)"}
     rows = []
-    header = f"| params | tensors | optimizer | step ms | vs baseline | state MB | state vs baseline |"
+    header = "| params | tensors | optimizer | step ms (range over rounds) | vs baseline | state MB | state vs baseline |"
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__}")
     print(header)
     print("|---|---|---|---|---|---|---|")
@@ -97,23 +101,36 @@ def main(argv=None) -> int:
         params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(args.device, dtype)) for s in shapes]
         grads = [torch.randn(s, generator=gen).to(args.device, dtype) * 1e-2 for s in shapes]
         n = sum(p.numel() for p in params)
-        results = {}
-        for name, make in candidates.items():
-            try:
-                opt = make(params)
-                ms = time_steps(opt, params, grads, args.repeats) * 1e3
-            except (RuntimeError, TypeError) as exc:  # e.g. no fused kernel for this device/dtype
-                print(f"| {n/1e6:.1f}M | {len(shapes)} | {name} | n/a ({type(exc).__name__}) | | | |")
+        for p, g in zip(params, grads):
+            p.grad = g
+        # Several rounds, each building every optimizer afresh in turn: on a shared or virtual
+        # machine one process's step time drifts with where its memory landed, so each
+        # figure is the median over rounds of per-round medians.
+        trials: Dict[str, List[float]] = {}
+        nbytes: Dict[str, int] = {}
+        for _ in range(args.rounds):
+            for name, make in candidates.items():
+                if name in nbytes and nbytes[name] < 0:
+                    continue
+                try:
+                    median, nbytes[name] = time_optimizer(make, params, args.repeats)
+                except (RuntimeError, TypeError):  # e.g. no fused kernel for this device/dtype
+                    nbytes[name] = -1
+                    continue
+                trials.setdefault(name, []).append(median)
+        medians = {name: statistics.median(ts) for name, ts in trials.items()}
+        for name in candidates:
+            if name not in medians:
+                print(f"| {n/1e6:.1f}M | {len(shapes)} | {name} | n/a | | | |")
                 continue
-            results[name] = (ms, state_bytes(opt))
-            base = baseline_of.get(name)
-            ratio = f"{ms / results[base][0]:.2f}x" if base in results else "1.00x"
-            sratio = f"{results[name][1] / results[base][1]:.3f}x" if base in results else "1.000x"
-            row = f"| {n/1e6:.1f}M | {len(shapes)} | {name} | {ms:.1f} | {ratio} | {results[name][1]/2**20:.1f} | {sratio} |"
+            ms = medians[name] * 1e3
+            base = baseline_of.get(name, name)
+            ratio = f"{medians[name] / medians[base]:.2f}x" if base in medians else "n/a"
+            sratio = f"{nbytes[name] / nbytes[base]:.3f}x" if base in medians else "n/a"
+            spread = f"{min(trials[name]) * 1e3:.1f}-{max(trials[name]) * 1e3:.1f}"
+            row = f"| {n/1e6:.1f}M | {len(shapes)} | {name} | {ms:.1f} ({spread}) | {ratio} | {nbytes[name]/2**20:.1f} | {sratio} |"
             rows.append(row)
             print(row, flush=True)
-            del opt
-            gc.collect()
         del params, grads
         gc.collect()
     if args.markdown:

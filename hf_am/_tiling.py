@@ -15,7 +15,7 @@ import torch
 
 #: Elements per tile on CPU: small enough that a tile's temporaries stay in cache,
 #: large enough that Python overhead per tile is negligible.
-CPU_TILE_ELEMENTS = 1 << 16
+CPU_TILE_ELEMENTS = 1 << 18
 
 Piece = Tuple[int, Optional[int], Optional[int]]  # (tensor index, start, end); None = whole tensor
 

@@ -206,8 +206,8 @@ def _sums_foreach(grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps):
         g_r = torch._foreach_mul(g, r)
         torch._foreach_mul_(r, m)  # r now holds m * r
         diff = torch._foreach_addcmul(g_r, r, [neg_scale[i] for i in idx])  # (g - d) r
-        norms = [torch.stack(torch._foreach_norm(x, 2, dtype=acc)) for x in (r, g_r, diff)]
-        rows.append(torch.stack(norms, dim=1) ** 2)
+        norms = torch.stack(torch._foreach_norm([*r, *g_r, *diff], 2, dtype=acc))  # one call: [m r | g r | diff]
+        rows.append(norms.view(3, len(idx)).t() ** 2)
         owners.extend(idx)
         if len(tiles) == 1:
             kept_denoms = denoms

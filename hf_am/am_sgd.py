@@ -136,8 +136,8 @@ def _sums_foreach(grads, params, buffers, weight_decay):
         g = _decayed_gradients(views(grads, tile), views(params, tile), weight_decay)
         d = views(buffers, tile)
         diff = torch._foreach_sub(g, d)
-        norms = [torch.stack(torch._foreach_norm(x, 2, dtype=acc)) for x in (d, g, diff)]
-        rows.append(torch.stack(norms, dim=1) ** 2)
+        norms = torch.stack(torch._foreach_norm([*d, *g, *diff], 2, dtype=acc))  # one call: [d | g | diff]
+        rows.append(norms.view(3, len(d)).t() ** 2)
         owners.extend(i for i, _, _ in tile)
         if len(tiles) == 1:
             kept = g
