@@ -79,8 +79,6 @@ class GroupPlan:
 class AMOptimizer(torch.optim.Optimizer):
     """Base class: validation, scopes, sharded sums, statistics, checkpoints."""
 
-    #: state key of the momentum buffer (``exp_avg`` / ``momentum_buffer``)
-    momentum_key: str = ""
     #: param-group key holding ``beta_max``
     beta_max_key: str = ""
 

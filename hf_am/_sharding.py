@@ -86,12 +86,6 @@ def gather_objects(obj, group) -> list:
     return out
 
 
-def group_rank_info(group) -> Tuple[int, int]:
-    import torch.distributed as dist
-
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
 def optional_numel(param: torch.Tensor) -> int:
     """Number of elements of the *whole* tensor, also for DeepSpeed ZeRO-3 params."""
     ds_numel: Optional[int] = getattr(param, "ds_numel", None)

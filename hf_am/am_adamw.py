@@ -37,7 +37,6 @@ class AMAdamW(AMOptimizer):
         foreach: use the multi-tensor path (default) or the per-tensor reference path.
     """
 
-    momentum_key = "exp_avg"
     beta_max_key = "betas"
 
     def __init__(

@@ -25,7 +25,6 @@ class AMSGD(AMOptimizer):
     ``scope`` is ``"model"`` (one coefficient for the whole model, as in the paper).
     """
 
-    momentum_key = "momentum_buffer"
     beta_max_key = "momentum"
 
     def __init__(
