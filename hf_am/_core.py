@@ -17,6 +17,7 @@ from typing import Any, Dict, Hashable, List, Optional, Sequence
 
 import torch
 
+from . import _cpu_kernels as cpu_kernels
 from ._beta import adaptive_beta, effective_momentum
 from ._sharding import (
     all_reduce_sum,
@@ -73,6 +74,7 @@ class GroupPlan:
     scope_ids: List[int] = field(default_factory=list)
     keys: List[Hashable] = field(default_factory=list)
     groups_for_key: Dict[Hashable, Sequence] = field(default_factory=dict)
+    path: str = "foreach"  # "reference", "foreach" or "fused" (see AMOptimizer._choose_path)
     scratch: Any = None  # what phase 1 leaves for phase 2 (e.g. AdamW's denominators)
 
 
@@ -129,8 +131,15 @@ class AMOptimizer(torch.optim.Optimizer):
         bmax = beta_max[0] if self.beta_max_key == "betas" else beta_max
         _check_range(name, bmax, _is_real(bmax) and 0.0 <= bmax < 1.0, "0 <= beta_max < 1")
         _check_range("beta_min", beta_min, _is_real(beta_min) and 0.0 <= beta_min <= bmax, f"0 <= beta_min <= beta_max = {bmax}")
-        if group.get("foreach") not in (None, True, False):
-            raise TypeError(f"Invalid foreach: {group['foreach']!r} (allowed: None, True, False)")
+        for flag in ("foreach", "fused"):
+            value = group.get(flag)
+            if not (value is None or isinstance(value, bool)):
+                raise TypeError(f"Invalid {flag}: {value!r} (allowed: None, True, False)")
+        if group.get("fused") and group.get("foreach") is not None:
+            raise ValueError(
+                f"fused=True and foreach={group['foreach']!r} exclude each other: fused picks the compiled CPU "
+                "kernels, foreach the multi-tensor (True) or per-tensor (False) path"
+            )
         threshold = group["restart_threshold"]
         if threshold is not None:
             _check_range(
@@ -275,6 +284,7 @@ class AMOptimizer(torch.optim.Optimizer):
             if not params:
                 continue
             plan = GroupPlan(group=group, params=params, local_params=local_params, local_grads=local_grads)
+            plan.path = self._choose_path(group, group_index, [local_params, local_grads])
             for p in params:
                 key, pgroups = reduction_groups(p, self.process_group)
                 plan.keys.append(key)
@@ -298,6 +308,30 @@ class AMOptimizer(torch.optim.Optimizer):
                         f"beta_max and restart_threshold must agree; got {first} and {self._hyper_tuple(plan.group)}"
                     )
         return plans
+
+    @staticmethod
+    def _choose_path(group, group_index: int, lists) -> str:
+        """Which implementation steps this group (decided before anything is mutated).
+
+        ``fused=None`` (default) takes the compiled CPU kernels when every tensor
+        is a contiguous float32/float64 CPU tensor and the kernels built, else the
+        multi-tensor path; ``foreach=False`` or low-precision tensors take the
+        per-tensor reference path; ``fused=True`` insists on the kernels.
+        """
+        fused, foreach = group.get("fused"), group.get("foreach")
+        if fused:
+            reason = cpu_kernels.unsupported_reason(lists)
+            if reason is None and cpu_kernels.library() is None:
+                reason = f"the kernels are unavailable ({cpu_kernels.build_error()})"
+            if reason is not None:
+                raise RuntimeError(f"fused=True cannot step param group {group_index}: {reason}. Use fused=None to fall back")
+            return "fused"
+        if foreach is False or is_low_precision([*lists[0], *lists[1]]):
+            return "reference"
+        if fused is None and foreach is None and cpu_kernels.unsupported_reason(lists) is None:
+            if cpu_kernels.library() is not None:
+                return "fused"
+        return "foreach"
 
     def _hyper_tuple(self, group):
         return (group["lam"], group["beta_min"], self.beta_max_of(group), group["restart_threshold"])

@@ -1,10 +1,11 @@
 """Cut tensor lists into cache-sized tiles for the multi-tensor path on CPU.
 
 A step runs a dozen elementwise passes (preconditioner, weighted sums, update).
-On a GPU each pass streams memory at full speed; on a CPU a pass over a
-100 MB tensor spills every temporary to DRAM.  Running all passes tile by tile
-keeps the temporaries in cache, which is what makes AM-AdamW's extra passes
-nearly free on CPU.  On other devices everything is one tile.
+On a GPU each pass streams memory at full speed through multi-tensor kernels;
+on a CPU a pass over a 100 MB tensor spills every temporary to DRAM.  Running
+all passes tile by tile keeps the temporaries in cache, which is what makes the
+extra passes of AM-AdamW nearly free on CPU.  On other devices everything is one
+tile and the optimizers use kernels suited to the device (``TilePlan.cpu``).
 """
 
 from __future__ import annotations
@@ -14,30 +15,67 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 #: Elements per tile on CPU: small enough that a tile's temporaries stay in cache,
-#: large enough that Python overhead per tile is negligible.
-CPU_TILE_ELEMENTS = 1 << 18
+#: large enough that Python overhead per tile is negligible.  ``None`` treats the
+#: CPU like any other device (one tile, device kernels): tests use it to run the
+#: device kernels on CPU.
+CPU_TILE_ELEMENTS: Optional[int] = 1 << 18
 
 Piece = Tuple[int, Optional[int], Optional[int]]  # (tensor index, start, end); None = whole tensor
 
 
 def tile_elements_for(tensors: Sequence[torch.Tensor]) -> Optional[int]:
     """``None`` (one tile) unless every tensor lives on the CPU."""
-    if tensors and all(t.device.type == "cpu" for t in tensors):
+    if CPU_TILE_ELEMENTS is not None and tensors and all(t.device.type == "cpu" for t in tensors):
         return CPU_TILE_ELEMENTS
     return None
 
 
-def plan_tiles(lists: Sequence[Sequence[torch.Tensor]]) -> List[List[Piece]]:
-    """Group (pieces of) tensors into tiles of about ``CPU_TILE_ELEMENTS`` elements.
+class TilePlan:
+    """The tiles of parallel tensor lists (parameters, gradients, states of equal shapes).
 
-    ``lists`` are parallel lists (parameters, gradients, states) of equal shapes.
-    Large tensors are split into flat slices where every list's tensor is
-    contiguous; small ones are packed together; off the CPU there is one tile.
+    On CPU (``cpu`` is True) large tensors are split into flat slices wherever
+    every list's tensor is contiguous, and small ones are packed together; each
+    tile holds consecutive tensor indices, each at most once.  Elsewhere there is
+    one tile of whole tensors.
     """
+
+    def __init__(self, lists: Sequence[Sequence[torch.Tensor]]):
+        tensors = lists[0]
+        self.n = len(tensors)
+        tile_elements = tile_elements_for([t for lst in lists for t in lst])
+        self.cpu = tile_elements is not None
+        if tile_elements is None:
+            self.tiles: List[List[Piece]] = [[(i, None, None) for i in range(self.n)]]
+        else:
+            self.tiles = _cut(lists, tile_elements)
+        self.whole = len(self.tiles) == 1 and all(start is None for _, start, _ in self.tiles[0])
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __iter__(self):
+        return iter(self.tiles)
+
+    @staticmethod
+    def views(tensors: Sequence[torch.Tensor], tile: List[Piece]) -> List[torch.Tensor]:
+        """The tile's pieces of ``tensors`` (views that share storage)."""
+        out = []
+        for i, start, end in tile:
+            t = tensors[i]
+            out.append(t if start is None else t.view(-1)[start:end])
+        return out
+
+    def per_tensor(self, rows: torch.Tensor) -> torch.Tensor:
+        """Sum the rows of all pieces (in tile order) into one row per tensor."""
+        if self.whole:
+            return rows
+        owners = [i for tile in self.tiles for i, _, _ in tile]
+        out = torch.zeros(self.n, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+        return out.index_add_(0, torch.tensor(owners, device=rows.device), rows)
+
+
+def _cut(lists: Sequence[Sequence[torch.Tensor]], tile_elements: int) -> List[List[Piece]]:
     tensors = lists[0]
-    tile_elements = tile_elements_for([t for lst in lists for t in lst])
-    if tile_elements is None:
-        return [[(i, None, None) for i in range(len(tensors))]]
     tiles: List[List[Piece]] = []
     current: List[Piece] = []
     filled = 0
@@ -60,17 +98,3 @@ def plan_tiles(lists: Sequence[Sequence[torch.Tensor]]) -> List[List[Piece]]:
     if current:
         tiles.append(current)
     return tiles
-
-
-def views(tensors: Sequence[torch.Tensor], tile: List[Piece]) -> List[torch.Tensor]:
-    """The tile's pieces of ``tensors`` (views that share storage)."""
-    out = []
-    for i, start, end in tile:
-        t = tensors[i]
-        out.append(t if start is None else t.view(-1)[start:end])
-    return out
-
-
-def is_whole(tiles: List[List[Piece]], n: int) -> bool:
-    """True when the plan is the single tile of whole tensors ``0..n-1``."""
-    return len(tiles) == 1 and len(tiles[0]) == n and all(s is None for _, s, _ in tiles[0])

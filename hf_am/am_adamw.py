@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
-from ._core import PROD, AMOptimizer, GroupPlan, _check_range, _is_real, accumulation_dtype, is_low_precision
+from ._core import PROD, AMOptimizer, GroupPlan, _check_range, _is_real, accumulation_dtype
+from . import _cpu_kernels as cpu_kernels
 from ._sharding import local_view
-from ._tiling import is_whole, plan_tiles, views
+from ._tiling import TilePlan
 
 __all__ = ["AMAdamW"]
 
@@ -34,7 +35,10 @@ class AMAdamW(AMOptimizer):
             ``"exact"`` (the loss returned by ``step(closure)``; needs ``scope="model"``).
         process_group: treat every parameter as this rank's shard of a tensor split
             over the group (DeepSpeed ZeRO, FSDP1); DTensor parameters need nothing.
-        foreach: use the multi-tensor path (default) or the per-tensor reference path.
+        foreach: ``None``/``True``: the multi-tensor path; ``False``: the per-tensor reference path.
+        fused: ``None`` (default): compiled CPU kernels for contiguous float32/float64
+            CPU tensors when they build, else ``foreach``; ``True``: insist on them;
+            ``False``: never (see ``hf_am/_cpu_kernels.py``).
     """
 
     beta_max_key = "betas"
@@ -54,6 +58,7 @@ class AMAdamW(AMOptimizer):
         loss_estimate: str = "linear",
         process_group=None,
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ):
         defaults = dict(
             lr=lr,
@@ -64,6 +69,7 @@ class AMAdamW(AMOptimizer):
             beta_min=beta_min,
             restart_threshold=restart_threshold,
             foreach=foreach,
+            fused=fused,
         )
         super().__init__(params, defaults, scope=scope, loss_estimate=loss_estimate, process_group=process_group)
 
@@ -102,8 +108,11 @@ class AMAdamW(AMOptimizer):
         prods = [s[PROD] for s in states]
         torch._foreach_add_(steps, 1.0)
         beta2, eps = plan.group["betas"][1], plan.group["eps"]
-        fn = _sums_reference if plan.group["foreach"] is False else _sums_foreach
-        sums, plan.scratch = fn(plan.local_grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps)
+        if plan.path == "reference":
+            sums, plan.scratch = _sums_reference(plan.local_grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps)
+        else:
+            fn = _sums_fused if plan.path == "fused" else _sums_foreach
+            sums, plan.scratch = fn(plan.local_params, plan.local_grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps)
         return sums
 
     def _apply_update(self, plan: GroupPlan, beta_eff: torch.Tensor, restart: torch.Tensor) -> None:
@@ -111,7 +120,7 @@ class AMAdamW(AMOptimizer):
         prods = torch.stack([s[PROD] for s in states])
         prods_new = torch.where(restart > 0, torch.ones_like(prods), prods) * beta_eff.to(prods.dtype)
         group = plan.group
-        fn = _update_reference if group["foreach"] is False else _update_foreach
+        fn = {"reference": _update_reference, "foreach": _update_foreach, "fused": _update_fused}[plan.path]
         fn(
             plan.local_params,
             plan.local_grads,
@@ -169,94 +178,141 @@ def _update_reference(params, grads, exp_avgs, exp_avg_sqs, denoms, beta_eff, re
 
 
 # ---------------------------------------------------------------------------
-# Multi-tensor path, tile by tile (see _tiling.py).
+# The fast paths (compiled CPU kernels, and multi-tensor tile by tile) work with D' = sqrt(v) + eps * c = c * D, where c = sqrt(1 - beta2^t)
+# is a per-tensor scalar: sum(x^2 / D) = c * sum(x^2 / D'), and the update
+# p -= lr * m / (1 - prod) / D is p += s * m / D' with s = -lr * c / (1 - prod).
+# That saves a pass in each phase and makes lr == 0 a plain zero step size.
 # ---------------------------------------------------------------------------
-def _denominators(exp_avg_sqs, bias_correction2_sqrt, eps):
-    """D = sqrt(v) / sqrt(1 - beta2^t) + eps, as new tensors."""
+def _bias_terms(steps, prods, eps, beta2, acc):
+    """(c = sqrt(1 - beta2^t), scale of d = m / (1 - prod), eps * c), per tensor."""
+    bias2_sqrt = (1.0 - beta2 ** torch.stack(steps).to(acc)).sqrt()
+    prod_t = torch.stack(prods).to(acc)
+    # prod == 1 means there is no previous momentum yet (d = 0).
+    d_scale = torch.where(prod_t < 1, 1.0 / (1.0 - prod_t), torch.zeros_like(prod_t))
+    return bias2_sqrt, d_scale, eps * bias2_sqrt
+
+
+class _FusedPhase1(NamedTuple):
+    bias2_sqrt: torch.Tensor
+    eps_scaled: torch.Tensor
+
+
+def _sums_fused(params, grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps):
+    acc = grads[0].dtype
+    bias2_sqrt, d_scale, eps_scaled = _bias_terms(steps, prods, eps, beta2, acc)
+    sums = cpu_kernels.adamw_sums(grads, exp_avgs, exp_avg_sqs, beta2, eps_scaled, d_scale)
+    return sums.to(acc) * bias2_sqrt.unsqueeze(1), _FusedPhase1(bias2_sqrt, eps_scaled)
+
+
+def _update_fused(params, grads, exp_avgs, exp_avg_sqs, phase1, beta_eff, restart, prods_new, *, lr, weight_decay, has_restarts):
+    acc = params[0].dtype
+    step_size = -lr * phase1.bias2_sqrt / (1.0 - prods_new.to(acc))
+    decay = torch.as_tensor(1.0 - lr * weight_decay, dtype=torch.float64)
+    keep = (1.0 - restart) if has_restarts else None
+    cpu_kernels.adamw_update(params, grads, exp_avgs, exp_avg_sqs, phase1.eps_scaled, keep, 1.0 - beta_eff, decay, step_size)
+
+
+class _Phase1(NamedTuple):
+    """What phase 1 of the multi-tensor path leaves for phase 2."""
+
+    tiles: TilePlan
+    bias2_sqrt: torch.Tensor  # c = sqrt(1 - beta2^t) per tensor
+    eps_scaled: List[torch.Tensor]  # eps * c per tensor (0-dim tensors)
+    denoms: Optional[List[torch.Tensor]]  # D' of the only tile, when there is one
+
+
+def _second_moment_(exp_avg_sqs, grads, beta2) -> None:
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+
+
+def _scaled_denominators(exp_avg_sqs, eps_scaled):
+    """D' = sqrt(v) + eps * sqrt(1 - beta2^t), as new tensors."""
     denoms = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denoms, bias_correction2_sqrt)
-    torch._foreach_add_(denoms, eps)
+    torch._foreach_add_(denoms, eps_scaled)
     return denoms
 
 
-def _sums_foreach(grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps):
-    if is_low_precision(grads):
-        return _sums_reference(grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps)
+def _dots_cpu(grads, exp_avgs, denoms, neg_scale) -> List[torch.Tensor]:
+    """Per piece ``<m,m>, <g,m>, <g-d,g-d>`` in the metric 1/D' (CPU: dot products).
+
+    A dot product reads two tiles once, cheaper than the square root and
+    multiplications the norm formulation of :func:`_norms_device` needs.
+    """
+    m_over_d = torch._foreach_div(exp_avgs, denoms)
+    diff = torch._foreach_addcmul(grads, exp_avgs, neg_scale)  # g - d, d = scale * m
+    diff_over_d = torch._foreach_div(diff, denoms)
+    out = []
+    for m, g, md, df, dfd in zip(exp_avgs, grads, m_over_d, diff, diff_over_d):
+        md = md.view(-1)
+        out += (torch.dot(md, m.reshape(-1)), torch.dot(md, g.reshape(-1)), torch.dot(dfd.view(-1), df.view(-1)))
+    return out
+
+
+def _norms_device(grads, exp_avgs, denoms, neg_scale, acc) -> torch.Tensor:
+    """Per tensor ``[|m|^2, |g|^2, |g-d|^2]`` in the metric 1/D' (one multi-tensor norm call).
+
+    With r = D'^{-1/2}: <a,b>_{1/D'} = <a r, b r>, and foreach norms are fused
+    kernels on GPUs, whereas dot products would be one launch per tensor.
+    """
+    r = torch._foreach_rsqrt(denoms)
+    g_r = torch._foreach_mul(grads, r)
+    torch._foreach_mul_(r, exp_avgs)  # r now holds m * r
+    diff = torch._foreach_addcmul(g_r, r, neg_scale)  # (g - d) r
+    norms = torch.stack(torch._foreach_norm([*r, *g_r, *diff], 2, dtype=acc))
+    return norms.view(3, len(grads)).t() ** 2
+
+
+def _sums_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps):
     acc = grads[0].dtype
-    n = len(grads)
-    bc2_sqrt = torch._foreach_pow(beta2, [s.to(acc) for s in steps])
-    torch._foreach_neg_(bc2_sqrt)
-    torch._foreach_add_(bc2_sqrt, 1.0)
-    torch._foreach_sqrt_(bc2_sqrt)
-    prod_t = torch.stack(prods)
-    d_scale = torch.where(prod_t < 1, 1.0 / (1.0 - prod_t), torch.zeros_like(prod_t))
+    bias2_sqrt, d_scale, eps_scaled = _bias_terms(steps, prods, eps, beta2, acc)
+    eps_scaled = list(eps_scaled.unbind(0))
     neg_scale = list((-d_scale).unbind(0))
-
-    tiles = plan_tiles([grads, exp_avgs, exp_avg_sqs])
-    rows, owners, kept_denoms = [], [], None
+    tiles = TilePlan([params, grads, exp_avgs, exp_avg_sqs])
+    parts, kept = [], None
     for tile in tiles:
-        idx = [i for i, _, _ in tile]
-        g, m, v = views(grads, tile), views(exp_avgs, tile), views(exp_avg_sqs, tile)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, g, g, 1.0 - beta2)
-        denoms = _denominators(v, [bc2_sqrt[i] for i in idx], eps)
-        # With r = D^{-1/2}: <a,b>_D = <a r, b r>; three norms give the three sums.
-        r = torch._foreach_rsqrt(denoms)
-        g_r = torch._foreach_mul(g, r)
-        torch._foreach_mul_(r, m)  # r now holds m * r
-        diff = torch._foreach_addcmul(g_r, r, [neg_scale[i] for i in idx])  # (g - d) r
-        norms = torch.stack(torch._foreach_norm([*r, *g_r, *diff], 2, dtype=acc))  # one call: [m r | g r | diff]
-        rows.append(norms.view(3, len(idx)).t() ** 2)
-        owners.extend(idx)
-        if len(tiles) == 1:
-            kept_denoms = denoms
-    rows = torch.cat(rows)
-    if not is_whole(tiles, n):
-        rows = torch.zeros(n, 3, dtype=acc).index_add_(0, torch.tensor(owners), rows)
-    s_mm, s_gg, s_diff = rows.unbind(1)
-    s_dd = d_scale**2 * s_mm
-    s_gd = 0.5 * (s_gg + s_dd - s_diff)
-    return torch.stack((s_dd, s_gd, s_diff), dim=1), (kept_denoms, bc2_sqrt, eps)
+        i0, k = tile[0][0], len(tile)
+        g, m, v = tiles.views(grads, tile), tiles.views(exp_avgs, tile), tiles.views(exp_avg_sqs, tile)
+        _second_moment_(v, g, beta2)
+        denoms = _scaled_denominators(v, eps_scaled[i0 : i0 + k])
+        if tiles.cpu:
+            parts += _dots_cpu(g, m, denoms, neg_scale[i0 : i0 + k])
+        else:
+            parts.append(_norms_device(g, m, denoms, neg_scale, acc))
+        if tiles.whole:
+            kept = denoms
+    if tiles.cpu:
+        mm, gm, diff = tiles.per_tensor(torch.stack(parts).view(-1, 3)).unbind(1)
+        s_dd, s_gd = d_scale**2 * mm, d_scale * gm
+    else:
+        mm, gg, diff = parts[0].unbind(1)
+        s_dd = d_scale**2 * mm
+        s_gd = 0.5 * (gg + s_dd - diff)
+    sums = torch.stack((s_dd, s_gd, diff), dim=1) * bias2_sqrt.unsqueeze(1)
+    return sums, _Phase1(tiles, bias2_sqrt, eps_scaled, kept)
 
 
-def _update_foreach(params, grads, exp_avgs, exp_avg_sqs, scratch, beta_eff, restart, prods_new, *, lr, weight_decay, has_restarts):
-    if not isinstance(scratch, tuple):  # phase 1 took the reference path
-        return _update_reference(params, grads, exp_avgs, exp_avg_sqs, scratch, beta_eff, restart, prods_new, lr=lr, weight_decay=weight_decay, has_restarts=has_restarts)
-    kept_denoms, bc2_sqrt, eps = scratch
+def _update_foreach(params, grads, exp_avgs, exp_avg_sqs, phase1, beta_eff, restart, prods_new, *, lr, weight_decay, has_restarts):
+    tiles = phase1.tiles
     acc = params[0].dtype
-    beta_eff = beta_eff.to(acc)
-    weights = list((1.0 - beta_eff).unbind(0))
+    weights = list((1.0 - beta_eff.to(acc)).unbind(0))
     keep = list((1.0 - restart.to(acc)).unbind(0))
-    # p -= lr * m / (1 - prod) / D is written p += m / (D * step), step = -(1 - prod) / lr, and
-    # D * step = sqrt(v) * (step / sqrt(1 - beta2^t)) + eps * step when D is recomputed.
-    # lr == 0 (a warmup's first step) leaves x as it is; dividing by it would make 0 * inf = NaN.
-    frozen = not isinstance(lr, torch.Tensor) and lr == 0
-    step = -(1.0 - prods_new.to(acc)) / (1.0 if frozen else lr)
-    step_list = list(step.unbind(0))
-    sqrt_v_scale = list((step / torch.stack(bc2_sqrt)).unbind(0))
-    eps_step = list((eps * step).unbind(0))
-    tiles = plan_tiles([params, grads, exp_avgs, exp_avg_sqs])
-    whole = kept_denoms is not None and is_whole(tiles, len(params))
+    step_size = -lr * phase1.bias2_sqrt / (1.0 - prods_new.to(acc))  # lr == 0 gives 0, never NaN
+    step_list = None if tiles.cpu else list(step_size.unbind(0))
     for tile in tiles:
-        idx = [i for i, _, _ in tile]
-        p, g, m = views(params, tile), views(grads, tile), views(exp_avgs, tile)
-        if whole:
-            scaled_denoms = kept_denoms
-            torch._foreach_mul_(scaled_denoms, step_list)
-        else:  # recomputing D from v is cheaper than keeping it when the tile is in cache
-            scaled_denoms = torch._foreach_sqrt(views(exp_avg_sqs, tile))
-            if isinstance(lr, torch.Tensor):  # may be 0: scale D itself (D > 0, so no 0 * inf)
-                torch._foreach_div_(scaled_denoms, [bc2_sqrt[i] for i in idx])
-                torch._foreach_add_(scaled_denoms, eps)
-                torch._foreach_mul_(scaled_denoms, [step_list[i] for i in idx])
-            else:
-                torch._foreach_mul_(scaled_denoms, [sqrt_v_scale[i] for i in idx])
-                torch._foreach_add_(scaled_denoms, [eps_step[i] for i in idx])
+        i0, k = tile[0][0], len(tile)
+        p, g, m = tiles.views(params, tile), tiles.views(grads, tile), tiles.views(exp_avgs, tile)
+        if phase1.denoms is not None:
+            denoms = phase1.denoms
+        else:  # recomputing D' costs less than keeping it when the tile is in cache
+            denoms = _scaled_denominators(tiles.views(exp_avg_sqs, tile), phase1.eps_scaled[i0 : i0 + k])
         if weight_decay != 0:
             torch._foreach_mul_(p, 1.0 - lr * weight_decay)
-        if has_restarts:
-            torch._foreach_mul_(m, [keep[i] for i in idx])
-        torch._foreach_lerp_(m, g, [weights[i] for i in idx])
-        if frozen:
-            continue
-        torch._foreach_addcdiv_(p, m, scaled_denoms)
+        if has_restarts:  # a restart forgets the momentum first
+            torch._foreach_mul_(m, keep[i0 : i0 + k])
+        torch._foreach_lerp_(m, g, weights[i0 : i0 + k])
+        if tiles.cpu:  # step sizes as a CPU tensor of scalars: no extra pass
+            torch._foreach_addcdiv_(p, m, denoms, step_size.narrow(0, i0, k))
+        else:  # device: fold the step size into D' (D' / 0 = inf gives a zero step)
+            torch._foreach_div_(denoms, step_list)
+            torch._foreach_addcdiv_(p, m, denoms)

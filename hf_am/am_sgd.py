@@ -6,9 +6,10 @@ from typing import List, Optional
 
 import torch
 
-from ._core import AMOptimizer, GroupPlan, accumulation_dtype, is_low_precision
+from . import _cpu_kernels as cpu_kernels
+from ._core import AMOptimizer, GroupPlan, accumulation_dtype
 from ._sharding import local_view
-from ._tiling import is_whole, plan_tiles, views
+from ._tiling import TilePlan
 
 __all__ = ["AMSGD"]
 
@@ -41,6 +42,7 @@ class AMSGD(AMOptimizer):
         loss_estimate: str = "linear",
         process_group=None,
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ):
         defaults = dict(
             lr=lr,
@@ -50,6 +52,7 @@ class AMSGD(AMOptimizer):
             beta_min=beta_min,
             restart_threshold=restart_threshold,
             foreach=foreach,
+            fused=fused,
         )
         super().__init__(params, defaults, scope=scope, loss_estimate=loss_estimate, process_group=process_group)
 
@@ -65,11 +68,15 @@ class AMSGD(AMOptimizer):
         torch._foreach_add_([s["step"] for s in states], 1.0)
         buffers = [local_view(s["momentum_buffer"]) if "momentum_buffer" in s else None for s in states]
         wd = plan.group["weight_decay"]
-        if plan.group["foreach"] is False or any(b is None for b in buffers) or is_low_precision(plan.local_params):
+        if plan.path == "reference" or any(b is None for b in buffers):
             # Reference path (also the first step, whose d = 0 needs no fast path).
             grads = _decayed_gradients(plan.local_grads, plan.local_params, wd)
             plan.scratch = ("reference", grads)
             return _sums_reference(grads, buffers)
+        if plan.path == "fused":
+            plan.scratch = ("fused", None)
+            sums = cpu_kernels.sgd_sums(plan.local_grads, plan.local_params, buffers, wd)
+            return sums.to(plan.local_params[0].dtype)
         sums, kept = _sums_foreach(plan.local_grads, plan.local_params, buffers, wd)
         plan.scratch = ("foreach", kept)
         return sums
@@ -82,6 +89,10 @@ class AMSGD(AMOptimizer):
         path, kept = plan.scratch
         if path == "reference":
             _update_reference(plan.params, plan.local_params, states, kept, keep, lr)
+        elif path == "fused":
+            buffers = [local_view(s["momentum_buffer"]) for s in states]
+            step = -torch.as_tensor(lr, dtype=torch.float64)
+            cpu_kernels.sgd_update(plan.local_params, plan.local_grads, buffers, plan.group["weight_decay"], 1.0 - keep, step)
         else:
             buffers = [local_view(s["momentum_buffer"]) for s in states]
             _update_foreach(plan.local_params, plan.local_grads, buffers, kept, keep, lr, plan.group["weight_decay"])
@@ -128,33 +139,35 @@ def _update_reference(params, local_params, states, grads, coefficient, lr):
 # ---------------------------------------------------------------------------
 def _sums_foreach(grads, params, buffers, weight_decay):
     acc = grads[0].dtype
-    n = len(grads)
-    tiles = plan_tiles([grads, params, buffers])
-    rows, owners, kept = [], [], None
+    tiles = TilePlan([grads, params, buffers])
+    parts, kept = [], None
     for tile in tiles:
-        g = _decayed_gradients(views(grads, tile), views(params, tile), weight_decay)
-        d = views(buffers, tile)
+        g = _decayed_gradients(tiles.views(grads, tile), tiles.views(params, tile), weight_decay)
+        d = tiles.views(buffers, tile)
         diff = torch._foreach_sub(g, d)
-        norms = torch.stack(torch._foreach_norm([*d, *g, *diff], 2, dtype=acc))  # one call: [d | g | diff]
-        rows.append(norms.view(3, len(d)).t() ** 2)
-        owners.extend(i for i, _, _ in tile)
-        if len(tiles) == 1:
+        if tiles.cpu:  # dot products: no multi-tensor reduction but one read of each tile
+            for dd, gg, df in zip(d, g, diff):
+                dd, gg, df = dd.reshape(-1), gg.reshape(-1), df.reshape(-1)
+                parts += (torch.dot(dd, dd), torch.dot(gg, dd), torch.dot(df, df))
+        else:  # one fused multi-tensor norm call: [d | g | diff]
+            norms = torch.stack(torch._foreach_norm([*d, *g, *diff], 2, dtype=acc)).view(3, len(d)).t() ** 2
+            s_dd, s_gg, s_diff = norms.unbind(1)
+            parts.append(torch.stack((s_dd, 0.5 * (s_gg + s_dd - s_diff), s_diff), dim=1))
+        if tiles.whole:
             kept = g
-    rows = torch.cat(rows)
-    if not is_whole(tiles, n):
-        rows = torch.zeros(n, 3, dtype=acc).index_add_(0, torch.tensor(owners), rows)
-    s_dd, s_gg, s_diff = rows.unbind(1)
-    return torch.stack((s_dd, 0.5 * (s_gg + s_dd - s_diff), s_diff), dim=1), kept
+    sums = tiles.per_tensor(torch.stack(parts).view(-1, 3)) if tiles.cpu else parts[0]
+    return sums, (tiles, kept)
 
 
 def _update_foreach(params, grads, buffers, kept, coefficient, lr, weight_decay):
+    tiles, decayed = kept
     weights = list((1.0 - coefficient.to(params[0].dtype)).unbind(0))
-    tiles = plan_tiles([params, grads, buffers])
     for tile in tiles:
-        p, d = views(params, tile), views(buffers, tile)
+        i0, k = tile[0][0], len(tile)
+        p, d = tiles.views(params, tile), tiles.views(buffers, tile)
         # The decayed gradient uses x before this step's update, so it is rebuilt first.
-        g = kept if kept is not None and is_whole(tiles, len(params)) else _decayed_gradients(views(grads, tile), p, weight_decay)
-        torch._foreach_lerp_(d, g, [weights[i] for i, _, _ in tile])
+        g = decayed if decayed is not None else _decayed_gradients(tiles.views(grads, tile), p, weight_decay)
+        torch._foreach_lerp_(d, g, weights[i0 : i0 + k])
         if isinstance(lr, torch.Tensor):
             torch._foreach_add_(p, torch._foreach_mul(d, -lr))
         else:

@@ -18,16 +18,18 @@ OPTIMIZERS = {
     "am_adamw": lambda params, **kw: AMAdamW(params, **{"lr": 1e-2, **kw}),
     "am_sgd": lambda params, **kw: AMSGD(params, **{"lr": 5e-2, **kw}),
 }
+# The three implementations: compiled CPU kernels, multi-tensor, per-tensor reference.
+PATHS = {"fused": dict(fused=True), "foreach": dict(foreach=True), "reference": dict(foreach=False)}
 
 
 # --------------------------------------------------------------- 1. pinned coefficient
-@pytest.mark.parametrize("foreach", [True, False])
-def test_pinned_am_adamw_is_torch_adamw(foreach):
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_pinned_am_adamw_is_torch_adamw(path):
     """lam=0, beta_min=beta_max=beta1 reproduces torch.optim.AdamW (two groups, decay, changing lr)."""
     batches = make_batches(50)
     ref_model, am_model = make_model(), make_model()
     ref = torch.optim.AdamW(two_groups(ref_model), lr=1e-2, betas=(0.85, 0.99), eps=1e-7, foreach=True)
-    am = AMAdamW(two_groups(am_model), lr=1e-2, betas=(0.85, 0.99), eps=1e-7, lam=0.0, beta_min=0.85, foreach=foreach)
+    am = AMAdamW(two_groups(am_model), lr=1e-2, betas=(0.85, 0.99), eps=1e-7, lam=0.0, beta_min=0.85, **PATHS[path])
     sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 + 0.5 * math.sin(s / 3.0))
     train(ref_model, ref, batches, sched(ref))
     train(am_model, am, batches, sched(am))
@@ -35,12 +37,12 @@ def test_pinned_am_adamw_is_torch_adamw(foreach):
     assert am.beta == pytest.approx(0.85)
 
 
-@pytest.mark.parametrize("foreach", [True, False])
-def test_pinned_am_sgd_is_torch_sgd_with_dampening(foreach):
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_pinned_am_sgd_is_torch_sgd_with_dampening(path):
     batches = make_batches(50)
     ref_model, am_model = make_model(), make_model()
     ref = torch.optim.SGD(two_groups(ref_model, lr=5e-2), lr=5e-2, momentum=0.8, dampening=0.8)
-    am = AMSGD(two_groups(am_model, lr=5e-2), lr=5e-2, momentum=0.8, lam=0.0, beta_min=0.8, foreach=foreach)
+    am = AMSGD(two_groups(am_model, lr=5e-2), lr=5e-2, momentum=0.8, lam=0.0, beta_min=0.8, **PATHS[path])
     sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 + 0.5 * math.cos(s / 4.0))
     train(ref_model, ref, batches, sched(ref))
     train(am_model, am, batches, sched(am))
@@ -215,14 +217,25 @@ _COMBOS = [
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_reference_path_equals_foreach_path(name, dtype):
+@pytest.mark.parametrize("kernels", ["fused", "cpu", "device"])
+def test_reference_path_equals_foreach_path(name, dtype, kernels, monkeypatch):
+    """Every fast path against the reference path.
+
+    "fused": the compiled CPU kernels; "cpu": the multi-tensor path in small tiles
+    that split and pack tensors; "device": the multi-tensor kernels GPUs run,
+    exercised here on CPU.
+    """
+    import hf_am._tiling as tiling
+
+    monkeypatch.setattr(tiling, "CPU_TILE_ELEMENTS", 64 if kernels == "cpu" else None)
+    fast = dict(fused=True) if kernels == "fused" else dict(foreach=True)
     batches = make_batches(20, dtype=dtype)
     for combo in _COMBOS:
         kw = dict(combo)
         wd = kw.pop("wd")
         models = [make_model(dtype=dtype), make_model(dtype=dtype)]
         opts = [
-            OPTIMIZERS[name](two_groups(m, wd=wd), foreach=fe, **kw) for m, fe in zip(models, (False, True))
+            OPTIMIZERS[name](two_groups(m, wd=wd), **path, **kw) for m, path in zip(models, (dict(foreach=False), fast))
         ]
         betas = [[], []]
         for i in range(2):
@@ -235,9 +248,9 @@ def test_reference_path_equals_foreach_path(name, dtype):
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("tile", [7, 64, 1 << 30])
+@pytest.mark.parametrize("tile", [7, 64, 1 << 30, None])
 def test_cpu_tiling_does_not_change_the_result(name, tile, monkeypatch):
-    """Tiles that split tensors (7), pack several (64) or hold everything give one answer."""
+    """Tiles that split tensors (7), pack several (64), hold everything, or none (device kernels) agree."""
     import hf_am._tiling as tiling
 
     batches = make_batches(15)
@@ -245,13 +258,13 @@ def test_cpu_tiling_does_not_change_the_result(name, tile, monkeypatch):
     opts = [OPTIMIZERS[name](two_groups(m), foreach=fe, restart_threshold=0.2) for m, fe in zip(models, (False, True))]
     train(models[0], opts[0], batches)
     monkeypatch.setattr(tiling, "CPU_TILE_ELEMENTS", tile)
-    assert len(tiling.plan_tiles([list(models[1].parameters())])) == {7: 19, 64: 2, 1 << 30: 1}[tile]
+    assert len(tiling.TilePlan([list(models[1].parameters())])) == {7: 19, 64: 2, 1 << 30: 1, None: 1}[tile]
     train(models[1], opts[1], batches)
     assert max_param_diff(*models) < 1e-6
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("tile", [7, 1 << 30])
+@pytest.mark.parametrize("tile", [7, 1 << 30, None])
 @pytest.mark.parametrize("tensor_lr", [False, True])
 def test_zero_learning_rate_warmup_start_is_finite(name, tile, tensor_lr, monkeypatch):
     """A schedule that starts at lr=0 leaves x unchanged on that step and never produces NaN."""
@@ -340,11 +353,11 @@ _SYNC_METHODS = ["item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__i
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("variant", [{}, {"restart_threshold": 0.5}, {"beta_min": 0.3, "scope": "group"}])
-def test_step_never_synchronises(name, foreach, variant, monkeypatch):
+def test_step_never_synchronises(name, path, variant, monkeypatch):
     model = make_model()
-    opt = OPTIMIZERS[name](two_groups(model), foreach=foreach, **variant)
+    opt = OPTIMIZERS[name](two_groups(model), **PATHS[path], **variant)
     batches = make_batches(4)
     train(model, opt, batches[:1])  # lazy state init may allocate; steady state must not sync
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
@@ -420,6 +433,10 @@ def test_bad_types_are_type_errors():
         AMAdamW(make_model().parameters(), betas=0.9)
     with pytest.raises(TypeError, match="foreach.*'yes'"):
         AMSGD(make_model().parameters(), foreach="yes")
+    with pytest.raises(TypeError, match="fused.*1.*None, True, False"):
+        AMAdamW(make_model().parameters(), fused=1)
+    with pytest.raises(ValueError, match="fused=True and foreach=False exclude each other"):
+        AMAdamW(make_model().parameters(), fused=True, foreach=False)
     with pytest.raises(TypeError, match="real"):
         AMAdamW([torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))])
 
@@ -450,6 +467,74 @@ def test_failed_step_leaves_parameters_and_state_untouched(name):
     for p, st in state_before.items():
         for k, v in st.items():
             assert torch.equal(v, opt.state[p][k]), k
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_fused_on_unsupported_tensors_is_a_clear_error_and_changes_nothing(name):
+    """fused=True insists on the compiled kernels; bf16 has none, and the step must say so up front."""
+    model = make_model(dtype=torch.bfloat16)
+    opt = OPTIMIZERS[name](model.parameters(), fused=True)
+    loss_fn(model, make_batches(1, dtype=torch.bfloat16)[0]).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"fused=True cannot step param group 0: dtype torch.bfloat16"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert len(opt.state) == 0
+    plain = OPTIMIZERS[name](model.parameters())  # the default falls back to the reference path
+    plain.step()
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+_KERNEL_PROBE = """
+import warnings, torch
+from hf_am import AMAdamW, _cpu_kernels
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    opt = AMAdamW([p])
+    opt.step()
+print("LIB", _cpu_kernels.library() is not None)
+print("ERR", _cpu_kernels.build_error())
+print("WARN", [str(w.message) for w in caught])
+print("P", p.tolist())
+"""
+
+
+def _probe_kernels(tmp_path, **env):
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _KERNEL_PROBE], capture_output=True, text=True, timeout=300, check=True,
+        env={**os.environ, "HF_AM_CACHE": str(tmp_path), **env},
+    )  # fmt: skip
+    return dict(line.split(" ", 1) for line in out.stdout.splitlines())
+
+
+def test_kernels_build_once_and_are_cached(tmp_path):
+    first = _probe_kernels(tmp_path)
+    assert first["LIB"] == "True", first
+    built = list((tmp_path / "kernels").glob("*.so"))
+    assert len(built) == 1 and not list((tmp_path / "kernels").glob("*.tmp.so"))
+    mtime = built[0].stat().st_mtime_ns
+    second = _probe_kernels(tmp_path)
+    assert second["LIB"] == "True"
+    assert built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
+    assert first["P"] == second["P"]
+
+
+def test_missing_compiler_falls_back_to_the_multi_tensor_path(tmp_path):
+    fallback = _probe_kernels(tmp_path, HF_AM_CC="/nonexistent/cc")
+    assert fallback["LIB"] == "False"
+    assert "/nonexistent/cc" in fallback["ERR"] and "multi-tensor path" in fallback["WARN"]
+    disabled = _probe_kernels(tmp_path, HF_AM_CPU_KERNELS="0")
+    assert disabled["LIB"] == "False" and "HF_AM_CPU_KERNELS=0" in disabled["ERR"]
+    fused = _probe_kernels(tmp_path / "other")
+    assert fused["LIB"] == "True"
+    for other in (fallback, disabled):
+        assert eval(other["P"]) == pytest.approx(eval(fused["P"]), abs=1e-7)
 
 
 def test_exact_without_closure_is_a_clear_error_and_changes_nothing():

@@ -80,6 +80,7 @@ _COMMON_SPECS: Dict[str, _Spec] = {
         lambda v: v == "linear",
     ),
     "foreach": ("None, true or false (default None)", lambda v: v is None or isinstance(v, bool)),
+    "fused": ("None, true or false (default None: compiled CPU kernels where they apply)", lambda v: v is None or isinstance(v, bool)),
 }
 
 _SPECS: Dict[str, Dict[str, _Spec]] = {

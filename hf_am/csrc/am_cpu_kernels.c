@@ -1,0 +1,231 @@
+/*
+ * Fused CPU kernels of AM-AdamW and AM-SGD (hf_am/_cpu_kernels.py builds and loads this).
+ *
+ * Why: on CPU every torch op is a separate pass over memory with its own
+ * dispatch; the AM step needs about twice AdamW's elementwise work, so the
+ * multi-tensor path stays well above AdamW.  Here each phase of a step is one
+ * pass over each tensor: phase 1 updates AdamW's second moment and returns the
+ * three weighted sums of ALGORITHM.md section 2 per tensor, phase 2 applies the
+ * update with the coefficient computed in Python from those sums.
+ *
+ * Plain C, no torch headers: it compiles in about a second.  Work is split over
+ * threads by element ranges (pthreads); partial sums are per thread and added in
+ * a fixed order, so results are deterministic for a given thread count.  Inner
+ * loops accumulate blocks in the parameter precision and add blocks in double.
+ * Every per-tensor scalar comes in as an array of doubles (read from tensors the
+ * caller built on the CPU, so the caller never converts device values).
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define AM_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
+#else
+#define AM_CLONES
+#endif
+
+#define AM_BLOCK 2048
+
+typedef struct {
+    int64_t n;             /* number of tensors */
+    const int64_t *numel;  /* elements per tensor */
+    void **a, **b, **c, **d; /* up to four tensor-pointer arrays (meaning per kernel) */
+    double h0;             /* kernel-specific uniform scalar */
+    const double *s0, *s1, *s2, *s3, *s4; /* per-tensor scalars (meaning per kernel, may be NULL) */
+    double *out;           /* n * 3 per-thread partial sums (sum kernels) */
+    int64_t begin, end;    /* global element range of this worker */
+} Work;
+
+typedef void (*RangeFn)(const Work *w, int64_t tensor, int64_t lo, int64_t hi, double *out3);
+
+/* ------------------------------------------------------------------ AM-AdamW */
+/* Phase 1: v = beta2 v + (1 - beta2) g^2;  D' = sqrt(v) + eps'_i;  d = scale_i m;
+ * sums [d^2/D', g d/D', (g - d)^2/D'].   a=g b=m c=v, h0=beta2, s0=eps', s1=scale. */
+#define ADAMW_SUMS(T, SQRT, NAME)                                                              \
+    AM_CLONES static void NAME(const Work *w, int64_t i, int64_t lo, int64_t hi, double *o) { \
+        const T *g = (const T *)w->a[i], *m = (const T *)w->b[i];                        \
+        T *v = (T *)w->c[i];                                                             \
+        const T beta2 = (T)w->h0, one_m = (T)(1.0 - w->h0);                              \
+        const T eps = (T)w->s0[i], scale = (T)w->s1[i];                                  \
+        for (int64_t start = lo; start < hi; start += AM_BLOCK) {                        \
+            int64_t stop = start + AM_BLOCK < hi ? start + AM_BLOCK : hi;               \
+            T sdd = 0, sgd = 0, sdiff = 0;                                               \
+            _Pragma("omp simd reduction(+ : sdd, sgd, sdiff)")                          \
+            for (int64_t k = start; k < stop; ++k) {                                     \
+                T gk = g[k];                                                             \
+                T vk = beta2 * v[k] + one_m * (gk * gk);                                 \
+                v[k] = vk;                                                               \
+                T inv = (T)1 / (SQRT(vk) + eps);                                            \
+                T dk = scale * m[k];                                                     \
+                T diff = gk - dk;                                                        \
+                sdd += dk * dk * inv;                                                    \
+                sgd += gk * dk * inv;                                                    \
+                sdiff += diff * diff * inv;                                              \
+            }                                                                            \
+            o[0] += sdd; o[1] += sgd; o[2] += sdiff;                                     \
+        }                                                                                \
+    }
+
+/* Phase 2: m = keep_i m;  m += w_i (g - m);  p = decay_i p + step_i m / (sqrt(v) + eps'_i).
+ * a=p b=g c=m d=v, s0=eps', s1=keep (or NULL), s2=weight, s3=decay, s4=step. */
+#define ADAMW_UPDATE(T, SQRT, NAME)                                                            \
+    AM_CLONES static void NAME(const Work *w, int64_t i, int64_t lo, int64_t hi, double *o) { \
+        (void)o;                                                                         \
+        T *p = (T *)w->a[i], *m = (T *)w->c[i];                                          \
+        const T *g = (const T *)w->b[i], *v = (const T *)w->d[i];                        \
+        const T eps = (T)w->s0[i], keep = w->s1 ? (T)w->s1[i] : (T)1;                    \
+        const T weight = (T)w->s2[i], decay = (T)w->s3[i], step = (T)w->s4[i];           \
+        _Pragma("omp simd")                                                              \
+        for (int64_t k = lo; k < hi; ++k) {                                              \
+            T mk = keep * m[k];                                                          \
+            mk = mk + weight * (g[k] - mk);                                              \
+            m[k] = mk;                                                                   \
+            p[k] = decay * p[k] + step * mk / (SQRT(v[k]) + eps);                        \
+        }                                                                                \
+    }
+
+/* -------------------------------------------------------------------- AM-SGD */
+/* Phase 1: g' = g + wd x;  sums [d^2, g' d, (g' - d)^2].   a=g b=p c=d, h0=wd. */
+#define SGD_SUMS(T, NAME)                                                                \
+    AM_CLONES static void NAME(const Work *w, int64_t i, int64_t lo, int64_t hi, double *o) { \
+        const T *g = (const T *)w->a[i], *x = (const T *)w->b[i], *d = (const T *)w->c[i]; \
+        const T wd = (T)w->h0;                                                           \
+        for (int64_t start = lo; start < hi; start += AM_BLOCK) {                        \
+            int64_t stop = start + AM_BLOCK < hi ? start + AM_BLOCK : hi;               \
+            T sdd = 0, sgd = 0, sdiff = 0;                                               \
+            _Pragma("omp simd reduction(+ : sdd, sgd, sdiff)")                          \
+            for (int64_t k = start; k < stop; ++k) {                                     \
+                T gk = g[k] + wd * x[k], dk = d[k], diff = gk - dk;                      \
+                sdd += dk * dk;                                                          \
+                sgd += gk * dk;                                                          \
+                sdiff += diff * diff;                                                    \
+            }                                                                            \
+            o[0] += sdd; o[1] += sgd; o[2] += sdiff;                                     \
+        }                                                                                \
+    }
+
+/* Phase 2: g' = g + wd x;  d += w_i (g' - d);  x += step_i d.   a=p b=g c=d, h0=wd,
+ * s0=weight, s1=step (-lr). */
+#define SGD_UPDATE(T, NAME)                                                              \
+    AM_CLONES static void NAME(const Work *w, int64_t i, int64_t lo, int64_t hi, double *o) { \
+        (void)o;                                                                         \
+        T *x = (T *)w->a[i], *d = (T *)w->c[i];                                          \
+        const T *g = (const T *)w->b[i];                                                 \
+        const T wd = (T)w->h0, weight = (T)w->s0[i], step = (T)w->s1[i];                 \
+        _Pragma("omp simd")                                                              \
+        for (int64_t k = lo; k < hi; ++k) {                                              \
+            T gk = g[k] + wd * x[k];                                                     \
+            T dk = d[k] + weight * (gk - d[k]);                                          \
+            d[k] = dk;                                                                   \
+            x[k] = x[k] + step * dk;                                                     \
+        }                                                                                \
+    }
+
+ADAMW_SUMS(float, sqrtf, adamw_sums_f32)
+ADAMW_SUMS(double, sqrt, adamw_sums_f64)
+ADAMW_UPDATE(float, sqrtf, adamw_update_f32)
+ADAMW_UPDATE(double, sqrt, adamw_update_f64)
+SGD_SUMS(float, sgd_sums_f32)
+SGD_SUMS(double, sgd_sums_f64)
+SGD_UPDATE(float, sgd_update_f32)
+SGD_UPDATE(double, sgd_update_f64)
+
+/* ------------------------------------------------------------------ threading */
+typedef struct {
+    Work work;
+    RangeFn fn;
+} Task;
+
+static void *run_range(void *arg) {
+    Task *t = (Task *)arg;
+    const Work *w = &t->work;
+    int64_t offset = 0;
+    for (int64_t i = 0; i < w->n && offset < w->end; ++i) {
+        int64_t lo = w->begin > offset ? w->begin - offset : 0;
+        int64_t hi = w->end - offset < w->numel[i] ? w->end - offset : w->numel[i];
+        if (lo < hi) t->fn(w, i, lo, hi, w->out ? w->out + 3 * i : NULL);
+        offset += w->numel[i];
+    }
+    return NULL;
+}
+
+/* Split the elements of all tensors over `threads` workers; sum kernels add the
+ * workers' partial sums into `out` (n * 3 doubles) in worker order. */
+static int run(Work base, RangeFn fn, int threads, double *out) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < base.n; ++i) total += base.numel[i];
+    if (threads < 1) threads = 1;
+    if (total < 65536 * (int64_t)threads) threads = (int)(total / 65536) + 1;
+    if (threads > 64) threads = 64;
+    Task tasks[64];
+    pthread_t ids[64];
+    double *partial = NULL;
+    if (out) {
+        partial = (double *)calloc((size_t)threads * (size_t)base.n * 3, sizeof(double));
+        if (!partial) return 1;
+    }
+    int64_t chunk = (total + threads - 1) / threads;
+    chunk = (chunk + 63) / 64 * 64;
+    int started = 0, status = 0;
+    for (int t = 0; t < threads; ++t) {
+        tasks[t].work = base;
+        tasks[t].fn = fn;
+        tasks[t].work.begin = (int64_t)t * chunk < total ? (int64_t)t * chunk : total;
+        tasks[t].work.end = (int64_t)(t + 1) * chunk < total ? (int64_t)(t + 1) * chunk : total;
+        tasks[t].work.out = out ? partial + (size_t)t * base.n * 3 : NULL;
+    }
+    for (int t = 1; t < threads; ++t) {
+        if (pthread_create(&ids[t], NULL, run_range, &tasks[t]) != 0) {
+            status = 2;
+            break;
+        }
+        started = t;
+    }
+    if (status == 0) run_range(&tasks[0]);
+    for (int t = 1; t <= started; ++t) pthread_join(ids[t], NULL);
+    if (status == 0 && out) {
+        for (int t = 0; t < threads; ++t)
+            for (int64_t k = 0; k < base.n * 3; ++k) out[k] += partial[(size_t)t * base.n * 3 + k];
+    }
+    free(partial);
+    return status;
+}
+
+/* ---------------------------------------------------------------- entry points */
+/* Return 0 on success; `dtype_bits` is 32 or 64. `out` must hold n * 3 zeros. */
+int am_adamw_sums(int dtype_bits, int threads, int64_t n, const int64_t *numel, void **g, void **m, void **v,
+                  double beta2, const double *eps_scaled, const double *d_scale, double *out) {
+    Work w;
+    memset(&w, 0, sizeof w);
+    w.n = n; w.numel = numel; w.a = g; w.b = m; w.c = v; w.h0 = beta2; w.s0 = eps_scaled; w.s1 = d_scale;
+    return run(w, dtype_bits == 64 ? adamw_sums_f64 : adamw_sums_f32, threads, out);
+}
+
+int am_adamw_update(int dtype_bits, int threads, int64_t n, const int64_t *numel, void **p, void **g, void **m,
+                    void **v, const double *eps_scaled, const double *keep, const double *weight,
+                    const double *decay, const double *step) {
+    Work w;
+    memset(&w, 0, sizeof w);
+    w.n = n; w.numel = numel; w.a = p; w.b = g; w.c = m; w.d = v;
+    w.s0 = eps_scaled; w.s1 = keep; w.s2 = weight; w.s3 = decay; w.s4 = step;
+    return run(w, dtype_bits == 64 ? adamw_update_f64 : adamw_update_f32, threads, NULL);
+}
+
+int am_sgd_sums(int dtype_bits, int threads, int64_t n, const int64_t *numel, void **g, void **x, void **d,
+                double weight_decay, double *out) {
+    Work w;
+    memset(&w, 0, sizeof w);
+    w.n = n; w.numel = numel; w.a = g; w.b = x; w.c = d; w.h0 = weight_decay;
+    return run(w, dtype_bits == 64 ? sgd_sums_f64 : sgd_sums_f32, threads, out);
+}
+
+int am_sgd_update(int dtype_bits, int threads, int64_t n, const int64_t *numel, void **x, void **g, void **d,
+                  double weight_decay, const double *weight, const double *step) {
+    Work w;
+    memset(&w, 0, sizeof w);
+    w.n = n; w.numel = numel; w.a = x; w.b = g; w.c = d; w.h0 = weight_decay; w.s0 = weight; w.s1 = step;
+    return run(w, dtype_bits == 64 ? sgd_update_f64 : sgd_update_f32, threads, NULL);
+}
