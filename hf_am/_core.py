@@ -11,6 +11,8 @@ for the device.
 from __future__ import annotations
 
 import math
+import zlib
+from array import array
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Dict, Hashable, List, Optional, Sequence
@@ -74,8 +76,26 @@ class GroupPlan:
     scope_ids: List[int] = field(default_factory=list)
     keys: List[Hashable] = field(default_factory=list)
     groups_for_key: Dict[Hashable, Sequence] = field(default_factory=dict)
+    positions: List[int] = field(default_factory=list)  # each param's index among the call's params
     path: str = "foreach"  # "reference", "foreach" or "fused" (see AMOptimizer._choose_path)
     scratch: Any = None  # what phase 1 leaves for phase 2 (e.g. AdamW's denominators)
+
+
+@dataclass
+class Layout:
+    """What a step() call looks like from the param groups alone, whatever holds a gradient.
+
+    The scopes and the collectives follow from it, so every rank runs the same
+    collectives of the same size even when ranks disagree on which parameters
+    have gradients; that disagreement is caught inside the one collective.
+    """
+
+    n_scopes: int
+    hyper_of_scope: List[tuple]  # (lam, beta_min, beta_max, threshold) per scope
+    groups_for_key: Dict[Hashable, Sequence]  # every reduction key of the call's params
+    signature: tuple
+    acc: torch.dtype  # of the sums: float64 when any parameter is float64
+    device: Optional[torch.device]
 
 
 class AMOptimizer(torch.optim.Optimizer):
@@ -108,7 +128,9 @@ class AMOptimizer(torch.optim.Optimizer):
         self.loss_estimate = loss_estimate
         self.process_group = process_group
         self._verified_signatures: set = set()
-        self._device_constants: Dict[Any, torch.Tensor] = {}
+        self._load_count = 0  # part of the layout signature: a resumed run checks its layout again
+        self._layout_mismatch: Optional[torch.Tensor] = None
+        self._device_constants: Dict[Any, Any] = {}
         self._scope_reps: Dict[Hashable, Dict[str, Any]] = {}
         super().__init__(params, defaults)
 
@@ -184,17 +206,15 @@ class AMOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 "loss_estimate='exact' needs the loss: call step(closure) with a closure that returns it"
             )
-        plans = self._plan()
-        if not plans:
+        plans, layout = self._plan()
+        if not plans and not layout.groups_for_key:
             return loss
-        self._check_sharded_layout(plans)
+        self._check_sharded_layout(plans, layout)
         self._init_state(plans)
 
         # Phase 1: per-tensor partial sums [<d,d>, <g,d>, <g-d,g-d>] (metric of the optimizer).
         partials = [self._partial_sums(plan) for plan in plans]
-        n_scopes = 1 + max(max(plan.scope_ids) for plan in plans)
-        acc = torch.float64 if any(s.dtype == torch.float64 for s in partials) else torch.float32
-        device = partials[0].device
+        n_scopes, acc, device = layout.n_scopes, layout.acc, layout.device
         exact_delta = self._loss_delta(plans, loss, acc, device)
 
         # Weight by the learning rates (ALGORITHM.md section 2) and sum per scope.
@@ -210,18 +230,30 @@ class AMOptimizer(torch.optim.Optimizer):
             for i, key in enumerate(plan.keys):
                 by_key.setdefault(key, []).append(weighted[i])
                 index_by_key.setdefault(key, []).append(plan.scope_ids[i])
-            groups_by_key.update(plan.groups_for_key)
         scope_sums = torch.zeros(n_scopes, 3, dtype=acc, device=device)
-        for key in by_key:  # first-appearance order: the same on every rank (same param order)
-            rows = torch.stack(by_key[key])
-            part = torch.zeros(n_scopes, 3, dtype=acc, device=device)
-            part.index_add_(0, self._index_tensor(index_by_key[key], device), rows)
-            if key is not None:
-                all_reduce_sum(part, groups_by_key[key])
-            scope_sums += part
+        if None in by_key:  # whole tensors: nothing to reduce
+            scope_sums.index_add_(0, self._index_tensor(index_by_key[None], device), torch.stack(by_key[None]))
+        mismatch = None
+        for key, pgroups in layout.groups_for_key.items():  # param order: the same keys, in the same order, on every rank
+            # Two extra rows carry [1, h1, h2], [h3, 0, 0]: a fingerprint of which of the key's
+            # parameters have a gradient here; after the sum, sum(h) == count * h on every rank
+            # that agrees with all others.
+            present = tuple(pos for plan in plans for pos, k in zip(plan.positions, plan.keys) if k == key)
+            header, hashes = self._fingerprint(key, present, acc, device)
+            part = torch.cat((torch.zeros(n_scopes, 3, dtype=acc, device=device), header))
+            if key in by_key:
+                part.index_add_(0, self._index_tensor(index_by_key[key], device), torch.stack(by_key[key]))
+            all_reduce_sum(part, pgroups)
+            count = part[n_scopes, 0]
+            bad = (part[n_scopes, 1] != count * hashes[0]) | (part[n_scopes, 2] != count * hashes[1])
+            bad = bad | (part[n_scopes + 1, 0] != count * hashes[2])
+            mismatch = bad if mismatch is None else mismatch | bad
+            scope_sums += part[:n_scopes]
+        if mismatch is not None:
+            self._on_layout_mismatch(mismatch, plans, layout)
 
         # The coefficient, once per scope.
-        lam, beta_min, beta_max, threshold = self._scope_hyperparameters(plans, n_scopes, acc, device)
+        lam, beta_min, beta_max, threshold = self._scope_hyperparameters(layout, acc, device)
         beta = adaptive_beta(scope_sums[:, 0], scope_sums[:, 1], scope_sums[:, 2], lam, beta_min, beta_max, exact_delta)
         if threshold is None:
             restart = torch.zeros_like(beta)
@@ -231,6 +263,10 @@ class AMOptimizer(torch.optim.Optimizer):
             beta_step = torch.full_like(beta, beta_max) if isinstance(beta_max, float) else beta_max.clone()
             beta_used = beta_step * (1.0 - restart)  # reported: 0 on a restart step (no memory kept)
         beta_eff = effective_momentum(beta_step, lam)
+        if mismatch is not None and device.type != "cpu":
+            # Ranks disagreed (see _on_layout_mismatch): keep every momentum as it is.
+            beta_eff = torch.where(mismatch, torch.ones_like(beta_eff), beta_eff)
+            restart = torch.where(mismatch, torch.zeros_like(restart), restart)
 
         # Phase 2: the update, then the bookkeeping the next step needs.
         for plan in plans:
@@ -242,11 +278,14 @@ class AMOptimizer(torch.optim.Optimizer):
         return loss
 
     # ----------------------------------------------------------- the pieces
-    def _plan(self) -> List[GroupPlan]:
-        """Validate everything a step will touch; mutate nothing."""
+    def _plan(self):
+        """Validate everything a step will touch and lay out its scopes; mutate nothing.
+
+        Returns ``(plans, layout)``: one plan per param group with gradients, and
+        the call's :class:`Layout`, which depends on the param groups only.
+        """
         sharded_opt = self.process_group is not None
         plans: List[GroupPlan] = []
-        scope_counter = 0
         call_groups = [g for g in self.param_groups]
         if self.scope == "model" and sharded_opt:
             missing = self._init_num_groups - sum(1 for g in call_groups if g["params"] or not g[INIT_TENSORS])
@@ -256,6 +295,10 @@ class AMOptimizer(torch.optim.Optimizer):
                     f"{len(call_groups) - missing} of {self._init_num_groups}: the caller (DeepSpeed ZeRO) steps "
                     "parameter groups separately. Put every parameter in one group, or use scope='group'/'tensor'"
                 )
+        offset = 0
+        hyper_of_scope: List[tuple] = []
+        all_keys: Dict[Hashable, Sequence] = {}
+        acc, device = torch.float32, None
         for group_index, group in enumerate(call_groups):
             if self.scope == "tensor" and sharded_opt and group["params"] and len(group["params"]) < group[INIT_TENSORS]:
                 raise ValueError(
@@ -263,42 +306,50 @@ class AMOptimizer(torch.optim.Optimizer):
                     f"{group_index} had {group[INIT_TENSORS]} tensors and now holds {len(group['params'])} "
                     "(DeepSpeed ZeRO flattened them). Build the optimizer with hf_am.param_groups_per_tensor(...)"
                 )
-            params, local_params, local_grads = [], [], []
-            for p in group["params"]:
+            hyper = self._hyper_tuple(group)
+            if self.scope == "tensor":
+                hyper_of_scope.extend([hyper] * len(group["params"]))
+            elif self.scope == "group" or group_index == 0:
+                hyper_of_scope.append(hyper)
+            params, local_params, local_grads, positions, keys = [], [], [], [], []
+            for pos, p in enumerate(group["params"]):
+                key, pgroups = reduction_groups(p, self.process_group)
+                if key is not None:
+                    all_keys.setdefault(key, pgroups)
                 grad = p.grad
                 local_p = local_view(p)
+                device = device or local_p.device
+                if local_p.dtype == torch.float64:
+                    acc = torch.float64
                 if grad is None:
                     # An empty shard still takes part in the collective (with zeros).
-                    if (sharded_opt or local_p is not p) and local_p.numel() == 0:
-                        params.append(p)
-                        local_params.append(local_p)
-                        local_grads.append(torch.zeros_like(local_p))
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                if grad.is_complex() or p.is_complex():
-                    raise TypeError(f"{type(self).__name__} supports real tensors only, got a {grad.dtype} gradient")
+                    if not ((sharded_opt or local_p is not p) and local_p.numel() == 0):
+                        continue
+                    grad_view = torch.zeros_like(local_p)
+                else:
+                    if grad.is_sparse:
+                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                    if grad.is_complex() or p.is_complex():
+                        raise TypeError(f"{type(self).__name__} supports real tensors only, got a {grad.dtype} gradient")
+                    grad_view = local_view(grad)
                 params.append(p)
                 local_params.append(local_p)
-                local_grads.append(local_view(grad))
-            if not params:
-                continue
-            plan = GroupPlan(group=group, params=params, local_params=local_params, local_grads=local_grads)
-            plan.path = self._choose_path(group, group_index, [local_params, local_grads])
-            for p in params:
-                key, pgroups = reduction_groups(p, self.process_group)
-                plan.keys.append(key)
-                if key is not None:
-                    plan.groups_for_key[key] = pgroups
-            if self.scope == "model":
-                plan.scope_ids = [0] * len(params)
-            elif self.scope == "group":
-                plan.scope_ids = [scope_counter] * len(params)
-                scope_counter += 1
-            else:
-                plan.scope_ids = list(range(scope_counter, scope_counter + len(params)))
-                scope_counter += len(params)
-            plans.append(plan)
+                local_grads.append(grad_view)
+                positions.append(offset + pos)
+                keys.append(key)
+            if params:
+                plan = GroupPlan(group=group, params=params, local_params=local_params, local_grads=local_grads)
+                plan.path = self._choose_path(group, group_index, [local_params, local_grads])
+                plan.positions, plan.keys = positions, keys
+                plan.groups_for_key = {k: all_keys[k] for k in keys if k is not None}
+                if self.scope == "model":
+                    plan.scope_ids = [0] * len(params)
+                elif self.scope == "group":
+                    plan.scope_ids = [group_index] * len(params)
+                else:
+                    plan.scope_ids = list(positions)
+                plans.append(plan)
+            offset += len(group["params"])
         if self.scope == "model" and len(plans) > 1:
             first = self._hyper_tuple(plans[0].group)
             for plan in plans[1:]:
@@ -307,7 +358,9 @@ class AMOptimizer(torch.optim.Optimizer):
                         "scope='model' computes one beta for all parameter groups, so their lam, beta_min, "
                         f"beta_max and restart_threshold must agree; got {first} and {self._hyper_tuple(plan.group)}"
                     )
-        return plans
+        signature = (self.scope, tuple(len(g["params"]) for g in call_groups), tuple(all_keys), self._load_count)
+        layout = Layout(len(hyper_of_scope), hyper_of_scope, all_keys, signature, acc, device)
+        return plans, layout
 
     @staticmethod
     def _choose_path(group, group_index: int, lists) -> str:
@@ -336,39 +389,79 @@ class AMOptimizer(torch.optim.Optimizer):
     def _hyper_tuple(self, group):
         return (group["lam"], group["beta_min"], self.beta_max_of(group), group["restart_threshold"])
 
-    def _check_sharded_layout(self, plans: List[GroupPlan]) -> None:
+    def _check_sharded_layout(self, plans: List[GroupPlan], layout: Layout) -> None:
         """Before the first collective of a new layout, check every rank agrees on it.
 
-        Runs (with a host sync) only when this rank's layout has not been seen
-        before, i.e. on the first step; steady-state steps run one collective.
+        Runs (with a host sync) only when the param groups' layout is new (the
+        first step, after ``load_state_dict`` or a new param group), which every
+        rank meets at the same step; which parameters hold gradients is checked
+        at every step inside the sums' collective instead (:meth:`_fingerprint`).
         """
-        keyed: Dict[Hashable, Sequence] = {}
-        for plan in plans:
-            keyed.update(plan.groups_for_key)
-        if not keyed:
+        if not layout.groups_for_key or layout.signature in self._verified_signatures:
             return
-        for key, pgroups in keyed.items():
-            scope_numel: Dict[int, int] = {}
-            for plan in plans:
-                for sid, k, lp in zip(plan.scope_ids, plan.keys, plan.local_params):
-                    if k == key:
-                        scope_numel[sid] = scope_numel.get(sid, 0) + lp.numel()
-            n_scopes = 1 + max(max(plan.scope_ids) for plan in plans)
-            signature = (key, n_scopes, tuple(sorted(scope_numel)))
-            if signature in self._verified_signatures:
-                continue
+        for key, pgroups in layout.groups_for_key.items():
+            present = sorted(pos for plan in plans for pos, k in zip(plan.positions, plan.keys) if k == key)
             for pg in pgroups:
-                gathered = gather_objects((n_scopes, sorted(scope_numel), scope_numel), pg)
+                gathered = gather_objects((layout.n_scopes, present), pg)
                 counts = [g[0] for g in gathered]
                 if len(set(counts)) != 1 or len({tuple(g[1]) for g in gathered}) != 1:
                     raise ValueError(
-                        f"Ranks disagree on the scopes of this step: numbers of scopes per rank {counts} "
-                        f"(scope={self.scope!r}). Every rank must hold the same param groups in the same order, "
-                        "with the same tensors (an empty shard is fine)"
+                        f"Ranks disagree on the scopes of this step: numbers of scopes per rank {counts}, "
+                        f"parameters with gradients per rank {[len(g[1]) for g in gathered]} (scope={self.scope!r}). "
+                        "Every rank must hold the same param groups in the same order, with the same tensors "
+                        "(an empty shard is fine), and the same of them must have gradients"
                     )
-            if key is not None and key[0] == "process_group":
+            if key[0] == "process_group":
                 self._check_not_split(plans, key, pgroups)
-            self._verified_signatures.add(signature)
+        self._verified_signatures.add(layout.signature)
+
+    def _fingerprint(self, key, present: tuple, acc, device):
+        """Header rows ``[[1, h1, h2], [h3, 0, 0]]`` (cached on the device) and ``(h1, h2, h3)``.
+
+        ``h`` are three bytes of a CRC of the positions of this rank's parameters
+        with a gradient.  Bytes keep ``count * h`` exact in float32 for up to
+        65,000 ranks; the cache keeps steady-state steps free of host-to-device copies.
+        """
+        cache_key = ("fingerprint", key, present, acc, device)
+        hit = self._device_constants.get(cache_key)
+        if hit is None:
+            crc = zlib.crc32(array("q", present).tobytes())
+            hashes = (float(crc & 0xFF), float((crc >> 8) & 0xFF), float((crc >> 16) & 0xFF))
+            header = torch.tensor([[1.0, hashes[0], hashes[1]], [hashes[2], 0.0, 0.0]], dtype=acc, device=device)
+            if len(self._device_constants) > 256:
+                self._device_constants.clear()
+            hit = self._device_constants[cache_key] = (header, hashes)
+        return hit
+
+    def _on_layout_mismatch(self, mismatch: torch.Tensor, plans, layout) -> None:
+        """Ranks disagree on which parameters have gradients: the sums mix different layouts.
+
+        CPU sums (gloo, ZeRO-Offload) are read at no cost: raise now, on every rank
+        that sees the disagreement, before any parameter moves.  Device sums are
+        not read inside step(): the step keeps every momentum as it is, and
+        :meth:`check_layout` (called by ``beta``/``beta_stats()`` and the Trainer
+        callback) raises.
+        """
+        if mismatch.device.type != "cpu":
+            self._layout_mismatch = mismatch if self._layout_mismatch is None else self._layout_mismatch | mismatch
+            return
+        if bool(mismatch):
+            n_present = sum(len(plan.params) for plan in plans)
+            raise RuntimeError(self._mismatch_message(f"this rank has gradients for {n_present} parameter tensors"))
+
+    def _mismatch_message(self, detail: str) -> str:
+        return (
+            "Ranks disagree on which parameters have gradients in this step() call "
+            f"({detail}): the sharded sums of the beta formula would mix different parameters. Every rank "
+            "must give gradients to the same parameters (an empty shard's missing gradient is fine); "
+            "parameters are unchanged by this step, the optimizer state has this step's second moments"
+        )
+
+    def check_layout(self) -> None:
+        """Raise if an earlier device step found ranks disagreeing on which parameters have gradients (syncs)."""
+        flag = self._layout_mismatch
+        if flag is not None and bool(flag):
+            raise RuntimeError(self._mismatch_message("detected on the device, at an earlier step"))
 
     def _check_not_split(self, plans, key, pgroups) -> None:
         """Under a flat partition a group/model scope must be whole in this call."""
@@ -405,14 +498,10 @@ class AMOptimizer(torch.optim.Optimizer):
             self._device_constants[key] = t
         return t
 
-    def _scope_hyperparameters(self, plans, n_scopes, acc, device):
+    def _scope_hyperparameters(self, layout: Layout, acc, device):
         """(lam, beta_min, beta_max, threshold): Python floats when uniform, else per-scope tensors."""
-        per_scope: Dict[int, tuple] = {}
-        for plan in plans:
-            h = self._hyper_tuple(plan.group)
-            for sid in plan.scope_ids:
-                per_scope[sid] = h
-        values = set(per_scope.values())
+        per_scope = layout.hyper_of_scope
+        values = set(per_scope)
         if len(values) == 1:
             lam, bmin, bmax, thr = next(iter(values))
             return float(lam), float(bmin), float(bmax), (None if thr is None else float(thr))
@@ -424,7 +513,7 @@ class AMOptimizer(torch.optim.Optimizer):
             if j == 3 and next(iter(thresholds)):
                 columns.append(None)
                 continue
-            key = ("hyper", j, device, acc, tuple(float(per_scope[s][j]) for s in range(n_scopes)))
+            key = ("hyper", j, device, acc, tuple(float(h[j]) for h in per_scope))
             t = self._device_constants.get(key)
             if t is None:
                 t = torch.tensor(key[-1], dtype=acc, device=device)
@@ -436,7 +525,7 @@ class AMOptimizer(torch.optim.Optimizer):
         if self.loss_estimate != "exact":
             return None
         states = [self.state[p] for plan in plans for p in plan.params]
-        if not all(PREV_LOSS in s for s in states):
+        if not states or not all(PREV_LOSS in s for s in states):
             return None  # first step: the linear estimate
         prev = states[0][PREV_LOSS]
         current = torch.as_tensor(loss).detach().to(device=device, dtype=acc)
@@ -445,9 +534,9 @@ class AMOptimizer(torch.optim.Optimizer):
     def _record(self, plan: GroupPlan, beta_used, restart, loss, acc) -> None:
         """Store the scope's beta, restart count and (exact mode) the loss in every member's state."""
         states = [self.state[p] for p in plan.params]
-        for i, state in enumerate(states):
+        for i, (state, pos) in enumerate(zip(states, plan.positions)):
             if self.scope == "tensor":
-                self._scope_reps[(id(plan.group), i)] = state
+                self._scope_reps[(id(plan.group), pos)] = state
             elif i == 0:
                 self._scope_reps["model" if self.scope == "model" else id(plan.group)] = state
         betas = list(beta_used.unbind(0))
@@ -510,6 +599,7 @@ class AMOptimizer(torch.optim.Optimizer):
         Keys: ``beta`` (mean over scopes), ``beta_min``, ``beta_max``, ``restarts``
         (total momentum restarts so far, summed over scopes).
         """
+        self.check_layout()
         mean, lo, hi, restarts = self.beta_summary_tensor().tolist()
         return {"beta": mean, "beta_min": lo, "beta_max": hi, "restarts": restarts}
 
@@ -544,11 +634,14 @@ class AMOptimizer(torch.optim.Optimizer):
                 if isinstance(value, torch.Tensor) and (key.startswith("am_") or key == "step"):
                     self.state[p][key] = value.detach().clone().to(device=device)
         self._verified_signatures.clear()
+        self._load_count += 1
         self._scope_reps.clear()
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_verified_signatures", set())
+        self.__dict__.setdefault("_load_count", 0)
+        self.__dict__.setdefault("_layout_mismatch", None)
         self.__dict__.setdefault("_device_constants", {})
         self.__dict__.setdefault("_scope_reps", {})
 

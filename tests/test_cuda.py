@@ -92,3 +92,23 @@ def test_bf16_on_cuda_trains(name):
     losses = train(model, opt, _cuda_batches(30, dtype=torch.bfloat16) * 2)
     assert all(l == l and abs(l) < 1e3 for l in losses)
     assert sum(losses[-10:]) < sum(losses[:10])
+
+
+def test_ranks_disagreeing_on_gradients_on_the_device_are_reported(tmp_path):
+    """Device sums are not read inside step(): with rank 1 alone missing a gradient at step 3, the
+    step runs its one collective without raising, and check_layout() (what beta, beta_stats() and
+    the Trainer callback call) raises from then on, on every rank."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
+    import dist_common
+
+    results = dist_common.launch("dist_flat.py", ["late-cuda=tensor,model"], tmp_path, timeout=240)
+    for rank, r in enumerate(results):
+        for scope in ("tensor", "model"):
+            res = r["late-cuda"][scope]
+            assert res["errors"] == [None] * 4, (rank, scope, res["errors"])
+            assert all(calls == {"all_reduce": 1} for calls in res["calls"][1:]), res["calls"]
+            assert res["checked"][:2] == [None, None], res["checked"]
+            assert all(c and "Ranks disagree on which parameters have gradients" in c for c in res["checked"][2:]), res["checked"]

@@ -51,6 +51,7 @@ def flat_launch(tmp_path_factory):
         "replicated=linear,exact",
         "replicated-reduce=linear,exact",
         "disagree=tensor,group",  # last: a hang here still fails within the timeout
+        "late=tensor,group,model",
     ]
     return dist_common.launch("dist_flat.py", args, tmp_path_factory.mktemp("flat"), timeout=240)
 
@@ -93,6 +94,22 @@ def test_ranks_disagreeing_on_scopes_raise_on_every_rank(flat_launch):
             error = r[scope]["error"]
             assert error is not None, f"rank {rank}, scope={scope}: no error although the ranks disagree"
             assert error.startswith("ValueError: Ranks disagree on the scopes") and "[5, 4]" in error, error
+
+
+def test_ranks_disagreeing_on_gradients_mid_run_raise_without_a_hang(flat_launch):
+    """After the first step's check, rank 1 alone loses one gradient at step 3.  The disagreement is
+    caught inside the step's one collective (no extra collective, no mismatched ones that could
+    hang): every rank raises before moving a parameter, and the next step runs normally."""
+    results = [r["late"] for r in flat_launch]
+    for rank, r in enumerate(results):
+        for scope in ("tensor", "group", "model"):
+            res = r[scope]
+            assert res["errors"][:2] == [None, None] and res["errors"][3] is None, (rank, scope, res["errors"])
+            error = res["errors"][2]
+            assert error is not None and "Ranks disagree on which parameters have gradients" in error, (rank, scope, error)
+            assert res["calls"][2] == {"all_reduce": 1}, res["calls"]
+            assert res["calls"][3] == {"all_reduce": 1}, res["calls"]
+            assert res["unchanged"][2] and not res["unchanged"][3], (rank, scope, res["unchanged"])
 
 
 # ------------------------------------------------------------ (d) replicas: no collective

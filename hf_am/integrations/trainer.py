@@ -481,6 +481,7 @@ class _AMCallbackLogic:
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._am is None or logs is None or "loss" not in logs or self._count == 0:
             return
+        self._am.check_layout()  # logging synchronises anyway: surface a rank disagreement here
         mean, lo, hi, restarts = torch.stack([self._sum / self._count, self._min, self._max, self._restarts]).tolist()
         stats = {"am_beta": mean, "am_beta_min": lo, "am_beta_max": hi, "am_restarts": int(round(restarts))}
         logs.update(stats)

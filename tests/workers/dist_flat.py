@@ -16,6 +16,14 @@ Modes (``<mode>=<case>,<case>`` arguments, several per launch):
 ``disagree``   the ranks hold different numbers of scopes; every rank must
                raise ``ValueError`` (the launcher's timeout turns a hang into a
                failure); cases ``tensor``, ``group``.
+``late``       the same layout on both ranks, but from step 3 on rank 1 has no
+               gradient for one of its (non-empty) pieces, for one step: every
+               rank must raise ``RuntimeError`` in that step, after exactly one
+               collective, with its parameters unchanged; the next step (both
+               ranks with every gradient) must run normally; cases: scopes.
+``late-cuda``  the same with the pieces on the GPU (gloo reduces CUDA tensors): the
+               sums are not read inside step(), so the step keeps the momentum
+               and ``check_layout()`` raises afterwards.
 """
 
 from __future__ import annotations
@@ -149,6 +157,37 @@ def run_disagree(rank, scope):
     return {"error": None}
 
 
+def run_late_disagreement(rank, scope, device="cpu"):
+    model = dc.tiny_model()
+    params = list(model.parameters())
+    bounds = [piece_bounds(rank, p.numel(), c) for p, c in zip(params, CUTS)]
+    pieces = [torch.nn.Parameter(p.detach().flatten()[a:b].clone().to(device)) for p, (a, b) in zip(params, bounds)]
+    opt = dc.make_optimizer("adamw", [{"params": pieces}], scope, process_group=dist.group.WORLD)
+    record = {"errors": [], "calls": [], "unchanged": []}
+    for step, (x, y) in enumerate(dc.global_batches(4)):
+        model.zero_grad()
+        dc.loss_fn(model, x, y).backward()
+        for i, (p, q, (a, b)) in enumerate(zip(params, pieces, bounds)):
+            drop = step == 2 and rank == 1 and i == 0  # rank 1 alone loses a non-empty piece's gradient
+            q.grad = None if drop else p.grad.detach().flatten()[a:b].clone().to(device)
+        before = [q.detach().clone() for q in pieces]
+        error = None
+        with dc.CollectiveCounter() as counter:
+            try:
+                opt.step()
+            except RuntimeError as exc:
+                error = f"RuntimeError: {exc}"
+        record["errors"].append(error)
+        record["calls"].append(counter.calls)
+        record["unchanged"].append(all(torch.equal(a, b) for a, b in zip(before, pieces)))
+        try:
+            opt.check_layout()
+            record.setdefault("checked", []).append(None)
+        except RuntimeError as exc:
+            record.setdefault("checked", []).append(f"RuntimeError: {exc}")
+    return record
+
+
 def main():
     """argv[1:]: ``<mode>=<case>,<case>,...`` tokens, run in order in one launch (startup dominates)."""
     rank, world = dc.init()
@@ -165,6 +204,8 @@ def main():
                     out[case] = run_replicated(rank, world, mode == "replicated-reduce", case)
                 elif mode == "disagree":
                     out[case] = run_disagree(rank, case)
+                elif mode in ("late", "late-cuda"):
+                    out[case] = run_late_disagreement(rank, case, "cuda" if mode == "late-cuda" else "cpu")
                 else:
                     raise SystemExit(f"unknown mode {mode}")
     except Exception:
