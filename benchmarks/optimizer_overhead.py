@@ -2,12 +2,15 @@
 
 Parameters come in LLaMA-like shapes (embedding, attention and MLP matrices,
 norm vectors), sized from 1M to 100M.  Each optimizer steps the same tensors
-with the same gradients, in several rounds (each optimizer built afresh in
-every round); the table gives the median step time over rounds, its range, and
-the ratio to the baseline measured in the same process.
+with the same gradients.  In every round all optimizers are built afresh and
+stepped in turn, step by step, so that they share the machine's state; the
+table gives the median step time over rounds with its range, and the ratio to
+the baseline (median and range of the per-round ratios).  AM rows without a
+suffix take the default path: the compiled kernels on CPU, foreach elsewhere.
 
     python benchmarks/optimizer_overhead.py                 # 1M, 5M, 25M, 100M
     python benchmarks/optimizer_overhead.py --sizes 25 --repeats 20 --markdown out.md
+    python benchmarks/optimizer_overhead.py --sizes 25 --only AdamW     # AdamW family only
 """
 
 from __future__ import annotations
@@ -48,21 +51,47 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     )
 
 
-def time_optimizer(make, params, repeats: int, warmup: int = 3):
-    """Median step time of a fresh optimizer over ``repeats`` steps after ``warmup`` steps."""
-    opt = make(params)
-    times = []
-    for r in range(warmup + repeats):
-        t0 = time.perf_counter()
-        opt.step()
-        if params[0].is_cuda:
-            torch.cuda.synchronize()
-        if r >= warmup:
-            times.append(time.perf_counter() - t0)
-    nbytes = state_bytes(opt)
-    del opt
+def time_round(candidates: Dict[str, Callable], params, repeats: int, warmup: int = 3):
+    """One round: build every candidate afresh, then step them in turn ``repeats`` times.
+
+    Interleaving the candidates step by step exposes all of them to the same
+    machine state (other tenants, memory bandwidth, allocator), so their ratio is
+    far steadier than that of timings taken one after the other.  Returns
+    ``({name: median seconds}, {name: state bytes})``; candidates that cannot run
+    here (e.g. no fused kernel for this device) are left out.
+    """
+    opts = {}
+    for name, make in candidates.items():
+        try:
+            opt = make(params)
+            for _ in range(warmup):
+                opt.step()
+        except (RuntimeError, TypeError, ValueError):
+            continue
+        opts[name] = opt
+    times: Dict[str, List[float]] = {name: [] for name in opts}
+    for _ in range(repeats):
+        for name, opt in opts.items():
+            t0 = time.perf_counter()
+            opt.step()
+            if params[0].is_cuda:
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    nbytes = {name: state_bytes(opt) for name, opt in opts.items()}
+    del opts
     gc.collect()
-    return statistics.median(times), nbytes
+    return {name: statistics.median(ts) for name, ts in times.items()}, nbytes
+
+
+def _default_path(device: str) -> str:
+    """What AMAdamW(..) without foreach/fused runs on this device."""
+    if device != "cpu":
+        return "multi-tensor (foreach)"
+    from hf_am import _cpu_kernels
+
+    if _cpu_kernels.library() is None:
+        return f"multi-tensor (foreach); compiled CPU kernels unavailable: {_cpu_kernels.build_error()}"
+    return "compiled CPU kernels (fused)"
 
 
 def main(argv=None) -> int:
@@ -74,6 +103,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--only", nargs="+", help="only candidates whose name contains one of these")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,17 +114,26 @@ def main(argv=None) -> int:
         "AdamW (fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
         "AM-AdamW tensor": lambda ps: AMAdamW(ps, lr=1e-3, scope="tensor"),
         "AM-AdamW model": lambda ps: AMAdamW(ps, lr=1e-3, scope="model"),
+        "AM-AdamW tensor, foreach": lambda ps: AMAdamW(ps, lr=1e-3, scope="tensor", foreach=True),
+        "AM-AdamW model, foreach": lambda ps: AMAdamW(ps, lr=1e-3, scope="model", foreach=True),
         "SGD (foreach)": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=True),
         "AM-SGD model": lambda ps: AMSGD(ps, lr=1e-3, scope="model"),
         "AM-SGD tensor": lambda ps: AMSGD(ps, lr=1e-3, scope="tensor"),
+        "AM-SGD model, foreach": lambda ps: AMSGD(ps, lr=1e-3, scope="model", foreach=True),
     }
-    baseline_of = {"AM-AdamW tensor": "AdamW (foreach)", "AM-AdamW model": "AdamW (foreach)",
-                   "AdamW (fused)": "AdamW (foreach)", "AM-SGD model": "SGD (foreach)", "AM-SGD tensor": "SGD (foreach)"}
+    if args.only:
+        candidates = {k: v for k, v in candidates.items() if any(o in k for o in args.only)}
+    baseline_of = {name: ("SGD (foreach)" if "SGD" in name else "AdamW (foreach)") for name in candidates}
     rows = []
-    header = "| params | tensors | optimizer | step ms (range over rounds) | vs baseline | state MB | state vs baseline |"
+    header = (
+        "| params | tensors | optimizer | step ms (range over rounds) | vs foreach baseline (range) "
+        "| vs AdamW fused | state MB | state vs baseline |"
+    )
+    rule = "|---|---|---|---|---|---|---|---|"
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"AM default path here: {_default_path(args.device)}")
     print(header)
-    print("|---|---|---|---|---|---|---|")
+    print(rule)
     for size in args.sizes:
         shapes = llama_like_shapes(int(size * 1e6))
         gen = torch.Generator().manual_seed(0)
@@ -103,32 +142,33 @@ def main(argv=None) -> int:
         n = sum(p.numel() for p in params)
         for p, g in zip(params, grads):
             p.grad = g
-        # Several rounds, each building every optimizer afresh in turn: on a shared or virtual
-        # machine one process's step time drifts with where its memory landed, so each
-        # figure is the median over rounds of per-round medians.
-        trials: Dict[str, List[float]] = {}
+        medians: Dict[str, List[float]] = {}
+        ratios: Dict[str, List[float]] = {}
+        fused_ratios: Dict[str, List[float]] = {}
         nbytes: Dict[str, int] = {}
         for _ in range(args.rounds):
-            for name, make in candidates.items():
-                if name in nbytes and nbytes[name] < 0:
-                    continue
-                try:
-                    median, nbytes[name] = time_optimizer(make, params, args.repeats)
-                except (RuntimeError, TypeError):  # e.g. no fused kernel for this device/dtype
-                    nbytes[name] = -1
-                    continue
-                trials.setdefault(name, []).append(median)
-        medians = {name: statistics.median(ts) for name, ts in trials.items()}
+            round_medians, round_bytes = time_round(candidates, params, args.repeats)
+            nbytes.update(round_bytes)
+            for name, t in round_medians.items():
+                medians.setdefault(name, []).append(t)
+                base = round_medians.get(baseline_of[name])
+                if base:
+                    ratios.setdefault(name, []).append(t / base)
+                if "AdamW (fused)" in round_medians and "AdamW" in name:
+                    fused_ratios.setdefault(name, []).append(t / round_medians["AdamW (fused)"])
         for name in candidates:
             if name not in medians:
-                print(f"| {n/1e6:.1f}M | {len(shapes)} | {name} | n/a | | | |")
+                print(f"| {n/1e6:.1f}M | {len(shapes)} | {name} | n/a | | | | |")
                 continue
-            ms = medians[name] * 1e3
-            base = baseline_of.get(name, name)
-            ratio = f"{medians[name] / medians[base]:.2f}x" if base in medians else "n/a"
-            sratio = f"{nbytes[name] / nbytes[base]:.3f}x" if base in medians else "n/a"
-            spread = f"{min(trials[name]) * 1e3:.1f}-{max(trials[name]) * 1e3:.1f}"
-            row = f"| {n/1e6:.1f}M | {len(shapes)} | {name} | {ms:.1f} ({spread}) | {ratio} | {nbytes[name]/2**20:.1f} | {sratio} |"
+            ts = medians[name]
+            spread = f"{statistics.median(ts) * 1e3:.1f} ({min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f})"
+            r = ratios.get(name)
+            ratio = f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})" if r else "n/a"
+            fr = fused_ratios.get(name)
+            fratio = f"{statistics.median(fr):.2f}x" if fr else "n/a"
+            base = baseline_of[name]
+            sratio = f"{nbytes[name] / nbytes[base]:.3f}x" if base in nbytes else "n/a"
+            row = f"| {n/1e6:.1f}M | {len(shapes)} | {name} | {spread} | {ratio} | {fratio} | {nbytes[name]/2**20:.1f} | {sratio} |"
             rows.append(row)
             print(row, flush=True)
         del params, grads
@@ -136,7 +176,8 @@ def main(argv=None) -> int:
     if args.markdown:
         with open(args.markdown, "w") as fh:
             fh.write(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__}\n\n")
-            fh.write(header + "\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+            fh.write(f"AM default path here: {_default_path(args.device)}\n\n")
+            fh.write(header + "\n" + rule + "\n" + "\n".join(rows) + "\n")
     return 0
 
 

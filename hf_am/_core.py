@@ -75,7 +75,6 @@ class GroupPlan:
     local_grads: List[torch.Tensor]  # an empty shard without a gradient gets an empty zero tensor
     scope_ids: List[int] = field(default_factory=list)
     keys: List[Hashable] = field(default_factory=list)
-    groups_for_key: Dict[Hashable, Sequence] = field(default_factory=dict)
     positions: List[int] = field(default_factory=list)  # each param's index among the call's params
     path: str = "foreach"  # "reference", "foreach" or "fused" (see AMOptimizer._choose_path)
     scratch: Any = None  # what phase 1 leaves for phase 2 (e.g. AdamW's denominators)
@@ -238,7 +237,7 @@ class AMOptimizer(torch.optim.Optimizer):
             # Two extra rows carry [1, h1, h2], [h3, 0, 0]: a fingerprint of which of the key's
             # parameters have a gradient here; after the sum, sum(h) == count * h on every rank
             # that agrees with all others.
-            present = tuple(pos for plan in plans for pos, k in zip(plan.positions, plan.keys) if k == key)
+            present = _positions_with_gradients(plans, key)
             header, hashes = self._fingerprint(key, present, acc, device)
             part = torch.cat((torch.zeros(n_scopes, 3, dtype=acc, device=device), header))
             if key in by_key:
@@ -341,7 +340,6 @@ class AMOptimizer(torch.optim.Optimizer):
                 plan = GroupPlan(group=group, params=params, local_params=local_params, local_grads=local_grads)
                 plan.path = self._choose_path(group, group_index, [local_params, local_grads])
                 plan.positions, plan.keys = positions, keys
-                plan.groups_for_key = {k: all_keys[k] for k in keys if k is not None}
                 if self.scope == "model":
                     plan.scope_ids = [0] * len(params)
                 elif self.scope == "group":
@@ -400,7 +398,7 @@ class AMOptimizer(torch.optim.Optimizer):
         if not layout.groups_for_key or layout.signature in self._verified_signatures:
             return
         for key, pgroups in layout.groups_for_key.items():
-            present = sorted(pos for plan in plans for pos, k in zip(plan.positions, plan.keys) if k == key)
+            present = _positions_with_gradients(plans, key)
             for pg in pgroups:
                 gathered = gather_objects((layout.n_scopes, present), pg)
                 counts = [g[0] for g in gathered]
@@ -644,6 +642,11 @@ class AMOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_layout_mismatch", None)
         self.__dict__.setdefault("_device_constants", {})
         self.__dict__.setdefault("_scope_reps", {})
+
+
+def _positions_with_gradients(plans: List[GroupPlan], key) -> tuple:
+    """Positions (among the call's params) of this rank's tensors that a key's collective sums."""
+    return tuple(pos for plan in plans for pos, k in zip(plan.positions, plan.keys) if k == key)
 
 
 def param_groups_per_tensor(params_or_groups) -> List[Dict[str, Any]]:
