@@ -77,6 +77,7 @@ class GroupPlan:
     keys: List[Hashable] = field(default_factory=list)
     positions: List[int] = field(default_factory=list)  # each param's index among the call's params
     path: str = "foreach"  # "reference", "foreach" or "fused" (see AMOptimizer._choose_path)
+    kernels: Any = None  # for "fused": the kernel module (_cpu_kernels or _triton_kernels)
     scratch: Any = None  # what phase 1 leaves for phase 2 (e.g. AdamW's denominators)
 
 
@@ -338,7 +339,7 @@ class AMOptimizer(torch.optim.Optimizer):
                 keys.append(key)
             if params:
                 plan = GroupPlan(group=group, params=params, local_params=local_params, local_grads=local_grads)
-                plan.path = self._choose_path(group, group_index, [local_params, local_grads])
+                plan.path, plan.kernels = self._choose_path(group, group_index, [local_params, local_grads])
                 plan.positions, plan.keys = positions, keys
                 if self.scope == "model":
                     plan.scope_ids = [0] * len(params)
@@ -361,28 +362,26 @@ class AMOptimizer(torch.optim.Optimizer):
         return plans, layout
 
     @staticmethod
-    def _choose_path(group, group_index: int, lists) -> str:
-        """Which implementation steps this group (decided before anything is mutated).
+    def _choose_path(group, group_index: int, lists):
+        """``(path, kernels)``: which implementation steps this group, decided before anything is mutated.
 
-        ``fused=None`` (default) takes the compiled CPU kernels when every tensor
-        is a contiguous float32/float64 CPU tensor and the kernels built, else the
-        multi-tensor path; ``foreach=False`` or low-precision tensors take the
-        per-tensor reference path; ``fused=True`` insists on the kernels.
+        ``fused=None`` (default) takes compiled kernels where they apply: plain C
+        for contiguous float32/float64 CPU tensors (when a C compiler is there),
+        Triton for contiguous float32/bfloat16/float16 CUDA tensors (when Triton
+        is there); otherwise the multi-tensor path, or the per-tensor reference
+        path for ``foreach=False`` and low-precision tensors without kernels.
+        ``fused=True`` insists on the kernels.
         """
         fused, foreach = group.get("fused"), group.get("foreach")
-        if fused:
-            reason = cpu_kernels.unsupported_reason(lists)
-            if reason is None and cpu_kernels.library() is None:
-                reason = f"the kernels are unavailable ({cpu_kernels.build_error()})"
-            if reason is not None:
+        if fused is not False and foreach is None:
+            kernels, reason = fused_kernels(lists)
+            if kernels is not None:
+                return "fused", kernels
+            if fused:
                 raise RuntimeError(f"fused=True cannot step param group {group_index}: {reason}. Use fused=None to fall back")
-            return "fused"
         if foreach is False or is_low_precision([*lists[0], *lists[1]]):
-            return "reference"
-        if fused is None and foreach is None and cpu_kernels.unsupported_reason(lists) is None:
-            if cpu_kernels.library() is not None:
-                return "fused"
-        return "foreach"
+            return "reference", None
+        return "foreach", None
 
     def _hyper_tuple(self, group):
         return (group["lam"], group["beta_min"], self.beta_max_of(group), group["restart_threshold"])
@@ -642,6 +641,24 @@ class AMOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_layout_mismatch", None)
         self.__dict__.setdefault("_device_constants", {})
         self.__dict__.setdefault("_scope_reps", {})
+
+
+def fused_kernels(lists):
+    """``(module, None)`` when compiled kernels can step these parallel tensor lists, else ``(None, why)``."""
+    device = next((t.device for lst in lists for t in lst), None)
+    if device is None:
+        return None, "no tensors"
+    if device.type == "cpu":
+        reason = cpu_kernels.unsupported_reason(lists)
+        if reason is None and cpu_kernels.library() is None:
+            reason = f"the CPU kernels are unavailable ({cpu_kernels.build_error()})"
+        return (cpu_kernels, None) if reason is None else (None, reason)
+    if device.type == "cuda":
+        from . import _triton_kernels as triton_kernels  # imports Triton: only when CUDA tensors step
+
+        reason = triton_kernels.unsupported_reason(lists)
+        return (triton_kernels, None) if reason is None else (None, reason)
+    return None, f"no fused kernels for {device.type} tensors"
 
 
 def _positions_with_gradients(plans: List[GroupPlan], key) -> tuple:

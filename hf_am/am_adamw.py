@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from ._core import PROD, AMOptimizer, GroupPlan, _check_range, _is_real, accumulation_dtype
-from . import _cpu_kernels as cpu_kernels
 from ._sharding import local_view
 from ._tiling import TilePlan
 
@@ -36,9 +35,10 @@ class AMAdamW(AMOptimizer):
         process_group: treat every parameter as this rank's shard of a tensor split
             over the group (DeepSpeed ZeRO, FSDP1); DTensor parameters need nothing.
         foreach: ``None``/``True``: the multi-tensor path; ``False``: the per-tensor reference path.
-        fused: ``None`` (default): compiled CPU kernels for contiguous float32/float64
-            CPU tensors when they build, else ``foreach``; ``True``: insist on them;
-            ``False``: never (see ``hf_am/_cpu_kernels.py``).
+        fused: ``None`` (default): compiled kernels where they apply (plain C for
+            contiguous float32/float64 CPU tensors, Triton for contiguous
+            float32/bfloat16/float16 CUDA tensors), else ``foreach``; ``True``: insist
+            on them; ``False``: never (``hf_am/_cpu_kernels.py``, ``hf_am/_triton_kernels.py``).
     """
 
     beta_max_key = "betas"
@@ -111,8 +111,11 @@ class AMAdamW(AMOptimizer):
         if plan.path == "reference":
             sums, plan.scratch = _sums_reference(plan.local_grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps)
         else:
-            fn = _sums_fused if plan.path == "fused" else _sums_foreach
-            sums, plan.scratch = fn(plan.local_params, plan.local_grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps)
+            args = (plan.local_params, plan.local_grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps)
+            if plan.path == "fused":
+                sums, plan.scratch = _sums_fused(plan.kernels, *args)
+            else:
+                sums, plan.scratch = _sums_foreach(*args)
         return sums
 
     def _apply_update(self, plan: GroupPlan, beta_eff: torch.Tensor, restart: torch.Tensor) -> None:
@@ -193,23 +196,24 @@ def _bias_terms(steps, prods, eps, beta2, acc):
 
 
 class _FusedPhase1(NamedTuple):
+    kernels: Any  # _cpu_kernels or _triton_kernels
     bias2_sqrt: torch.Tensor
     eps_scaled: torch.Tensor
 
 
-def _sums_fused(params, grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps):
-    acc = grads[0].dtype
+def _sums_fused(kernels, params, grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps):
+    acc = accumulation_dtype(grads[0].dtype)
     bias2_sqrt, d_scale, eps_scaled = _bias_terms(steps, prods, eps, beta2, acc)
-    sums = cpu_kernels.adamw_sums(grads, exp_avgs, exp_avg_sqs, beta2, eps_scaled, d_scale)
-    return sums.to(acc) * bias2_sqrt.unsqueeze(1), _FusedPhase1(bias2_sqrt, eps_scaled)
+    sums = kernels.adamw_sums(grads, exp_avgs, exp_avg_sqs, beta2, eps_scaled, d_scale)
+    return sums.to(acc) * bias2_sqrt.unsqueeze(1), _FusedPhase1(kernels, bias2_sqrt, eps_scaled)
 
 
 def _update_fused(params, grads, exp_avgs, exp_avg_sqs, phase1, beta_eff, restart, prods_new, *, lr, weight_decay, has_restarts):
-    acc = params[0].dtype
+    acc = accumulation_dtype(params[0].dtype)
     step_size = -lr * phase1.bias2_sqrt / (1.0 - prods_new.to(acc))
-    decay = torch.as_tensor(1.0 - lr * weight_decay, dtype=torch.float64)
+    decay = torch.as_tensor(1.0 - lr * weight_decay, dtype=torch.float64)  # a CPU scalar: no transfer
     keep = (1.0 - restart) if has_restarts else None
-    cpu_kernels.adamw_update(params, grads, exp_avgs, exp_avg_sqs, phase1.eps_scaled, keep, 1.0 - beta_eff, decay, step_size)
+    phase1.kernels.adamw_update(params, grads, exp_avgs, exp_avg_sqs, phase1.eps_scaled, keep, 1.0 - beta_eff, decay, step_size)
 
 
 class _Phase1(NamedTuple):

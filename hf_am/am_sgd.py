@@ -6,7 +6,6 @@ from typing import List, Optional
 
 import torch
 
-from . import _cpu_kernels as cpu_kernels
 from ._core import AMOptimizer, GroupPlan, accumulation_dtype
 from ._sharding import local_view
 from ._tiling import TilePlan
@@ -75,8 +74,8 @@ class AMSGD(AMOptimizer):
             return _sums_reference(grads, buffers)
         if plan.path == "fused":
             plan.scratch = ("fused", None)
-            sums = cpu_kernels.sgd_sums(plan.local_grads, plan.local_params, buffers, wd)
-            return sums.to(plan.local_params[0].dtype)
+            sums = plan.kernels.sgd_sums(plan.local_grads, plan.local_params, buffers, wd)
+            return sums.to(accumulation_dtype(plan.local_params[0].dtype))
         sums, kept = _sums_foreach(plan.local_grads, plan.local_params, buffers, wd)
         plan.scratch = ("foreach", kept)
         return sums
@@ -91,8 +90,8 @@ class AMSGD(AMOptimizer):
             _update_reference(plan.params, plan.local_params, states, kept, keep, lr)
         elif path == "fused":
             buffers = [local_view(s["momentum_buffer"]) for s in states]
-            step = -torch.as_tensor(lr, dtype=torch.float64)
-            cpu_kernels.sgd_update(plan.local_params, plan.local_grads, buffers, plan.group["weight_decay"], 1.0 - keep, step)
+            step = -torch.as_tensor(lr, dtype=torch.float64)  # a CPU scalar (or lr's own tensor)
+            plan.kernels.sgd_update(plan.local_params, plan.local_grads, buffers, plan.group["weight_decay"], 1.0 - keep, step)
         else:
             buffers = [local_view(s["momentum_buffer"]) for s in states]
             _update_foreach(plan.local_params, plan.local_grads, buffers, kept, keep, lr, plan.group["weight_decay"])
