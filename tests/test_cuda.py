@@ -81,20 +81,23 @@ def test_cuda_matches_cpu_and_reference(name, scope):
 @pytest.mark.parametrize("variant", [dict(scope="model"), dict(scope="tensor", restart_threshold=0.4, wd=0.05), dict(scope="group", beta_min=0.5, tensor_lr=True)])
 def test_triton_kernels_match_reference_on_cuda(name, dtype, variant):
     """fused=True (Triton) against the per-tensor reference path: float32 to 1e-6; bfloat16 within
-    a few bf16 ulps (the kernels round the stored state where the reference keeps float32 copies)."""
+    half the distance the run moved the parameters (the kernels round the stored state where the
+    reference keeps float32 copies, a few bf16 ulps), so a kernel that does not train fails."""
     kw = dict(variant)
     wd, tensor_lr = kw.pop("wd", 0.0), kw.pop("tensor_lr", False)
+    lr = 1e-2 if name == "am_adamw" else 0.3
     batches = _cuda_batches(20, dtype=dtype)
     models = [make_model(dtype=dtype).cuda(), make_model(dtype=dtype).cuda()]
     opts = [
-        OPTIMIZERS[name](two_groups(m, wd=wd), **path, **kw, **({"lr": torch.tensor(1e-2, device="cuda")} if tensor_lr else {}))
+        OPTIMIZERS[name](two_groups(m, wd=wd), lr=torch.tensor(lr, device="cuda") if tensor_lr else lr, **path, **kw)
         for m, path in zip(models, (dict(foreach=False), dict(fused=True)))
     ]
     for model, opt in zip(models, opts):
         train(model, opt, batches, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s % 3)))
-    assert max_param_diff(*models) < (1e-6 if dtype == torch.float32 else 5e-2)
-    moved = max(float((p.float() - q.float()).abs().max()) for p, q in zip(models[1].parameters(), make_model(dtype=dtype).parameters()))
-    assert moved > 0.05  # the runs trained, so agreeing means something
+    start = make_model(dtype=dtype).cuda()
+    moved = max(float((p - q).detach().float().abs().max()) for p, q in zip(models[0].parameters(), start.parameters()))
+    assert moved > 0.05, moved  # the reference run trained
+    assert max_param_diff(*models) < (1e-6 if dtype == torch.float32 else 0.5 * moved)
     torch.testing.assert_close(opts[0].betas_per_scope(), opts[1].betas_per_scope(), rtol=0, atol=1e-4 if dtype == torch.float32 else 0.1)
 
 
