@@ -6,7 +6,8 @@ with the same gradients.  In every round all optimizers are built afresh and
 stepped in turn, step by step, so that they share the machine's state; the
 table gives the median step time over rounds with its range, and the ratio to
 the baseline (median and range of the per-round ratios).  AM rows without a
-suffix take the default path: the compiled kernels on CPU, foreach elsewhere.
+suffix take the default path: compiled kernels (C on CPU, Triton on CUDA) where
+they apply; ", foreach" rows force the multi-tensor path.
 
     python benchmarks/optimizer_overhead.py                 # 1M, 5M, 25M, 100M
     python benchmarks/optimizer_overhead.py --sizes 25 --repeats 20 --markdown out.md
@@ -83,15 +84,16 @@ def time_round(candidates: Dict[str, Callable], params, repeats: int, warmup: in
     return {name: statistics.median(ts) for name, ts in times.items()}, nbytes
 
 
-def _default_path(device: str) -> str:
-    """What AMAdamW(..) without foreach/fused runs on this device."""
-    if device != "cpu":
-        return "multi-tensor (foreach)"
-    from hf_am import _cpu_kernels
+def _default_path(device: str, dtype: torch.dtype) -> str:
+    """What AMAdamW(..) without foreach/fused runs on this device and dtype."""
+    from hf_am._core import fused_kernels
 
-    if _cpu_kernels.library() is None:
-        return f"multi-tensor (foreach); compiled CPU kernels unavailable: {_cpu_kernels.build_error()}"
-    return "compiled CPU kernels (fused)"
+    probe = [torch.zeros(2, device=device, dtype=dtype)]
+    kernels, reason = fused_kernels([probe, probe])
+    if kernels is not None:
+        return f"compiled kernels ({kernels.__name__.rsplit('.', 1)[-1]})"
+    fallback = "per-tensor reference" if dtype not in (torch.float32, torch.float64) else "multi-tensor (foreach)"
+    return f"{fallback}; compiled kernels unavailable: {reason}"
 
 
 def main(argv=None) -> int:
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
     )
     rule = "|---|---|---|---|---|---|---|---|"
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__}")
-    print(f"AM default path here: {_default_path(args.device)}")
+    print(f"AM default path here: {_default_path(args.device, dtype)}")
     print(header)
     print(rule)
     for size in args.sizes:
@@ -176,7 +178,7 @@ def main(argv=None) -> int:
     if args.markdown:
         with open(args.markdown, "w") as fh:
             fh.write(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__}\n\n")
-            fh.write(f"AM default path here: {_default_path(args.device)}\n\n")
+            fh.write(f"AM default path here: {_default_path(args.device, dtype)}\n\n")
             fh.write(header + "\n" + rule + "\n" + "\n".join(rows) + "\n")
     return 0
 
