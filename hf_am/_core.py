@@ -159,8 +159,8 @@ class AMOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"Invalid {flag}: {value!r} (allowed: None, True, False)")
         if group.get("fused") and group.get("foreach") is not None:
             raise ValueError(
-                f"fused=True and foreach={group['foreach']!r} exclude each other: fused picks the compiled CPU "
-                "kernels, foreach the multi-tensor (True) or per-tensor (False) path"
+                f"fused=True and foreach={group['foreach']!r} exclude each other: fused picks the compiled "
+                "kernels (C on CPU, Triton on CUDA), foreach the multi-tensor (True) or per-tensor (False) path"
             )
         threshold = group["restart_threshold"]
         if threshold is not None:
@@ -444,21 +444,30 @@ class AMOptimizer(torch.optim.Optimizer):
             return
         if bool(mismatch):
             n_present = sum(len(plan.params) for plan in plans)
-            raise RuntimeError(self._mismatch_message(f"this rank has gradients for {n_present} parameter tensors"))
+            raise RuntimeError(
+                self._mismatch_message(
+                    f"this rank has gradients for {n_present} parameter tensors",
+                    "parameters are unchanged by this step; the optimizer state has this step's second moments",
+                )
+            )
 
-    def _mismatch_message(self, detail: str) -> str:
+    def _mismatch_message(self, detail: str, consequence: str) -> str:
         return (
             "Ranks disagree on which parameters have gradients in this step() call "
             f"({detail}): the sharded sums of the beta formula would mix different parameters. Every rank "
-            "must give gradients to the same parameters (an empty shard's missing gradient is fine); "
-            "parameters are unchanged by this step, the optimizer state has this step's second moments"
+            f"must give gradients to the same parameters (an empty shard's missing gradient is fine); {consequence}"
         )
 
     def check_layout(self) -> None:
         """Raise if an earlier device step found ranks disagreeing on which parameters have gradients (syncs)."""
         flag = self._layout_mismatch
         if flag is not None and bool(flag):
-            raise RuntimeError(self._mismatch_message("detected on the device, at an earlier step"))
+            raise RuntimeError(
+                self._mismatch_message(
+                    "detected on the device, at an earlier step",
+                    "the steps that found it kept every momentum unchanged instead of using the mixed sums",
+                )
+            )
 
     def _check_not_split(self, plans, key, pgroups) -> None:
         """Under a flat partition a group/model scope must be whole in this call."""
