@@ -103,22 +103,30 @@ def _load() -> Optional[ctypes.CDLL]:
     return lib
 
 
-def unsupported_reason(lists: Sequence[Sequence[torch.Tensor]]) -> Optional[str]:
-    """Why the kernels cannot run on these parallel tensor lists, or ``None`` when they can."""
+def tensor_problem(lists, dtypes: tuple, device_type: str) -> Optional[str]:
+    """What keeps compiled kernels (C here, Triton on CUDA) off these parallel tensor lists, or ``None``.
+
+    They need one dtype out of ``dtypes``, one device of ``device_type`` and contiguous tensors.
+    """
     tensors = [t for lst in lists for t in lst]
     if not tensors:
         return "no tensors"
-    dtype = tensors[0].dtype
-    if dtype not in (torch.float32, torch.float64):
-        return f"dtype {dtype} (the kernels take float32 or float64)"
+    dtype, device = tensors[0].dtype, tensors[0].device
+    if dtype not in dtypes:
+        return f"dtype {dtype} (the kernels take {', '.join(str(d).replace('torch.', '') for d in dtypes)})"
     for t in tensors:
-        if t.device.type != "cpu":
-            return f"a tensor on {t.device} (the kernels run on CPU tensors)"
+        if t.device != device or t.device.type != device_type:
+            return f"a tensor on {t.device} (the kernels run on one {device_type} device)"
         if t.dtype != dtype:
             return f"mixed dtypes {dtype} and {t.dtype}"
         if not t.is_contiguous():
             return "a non-contiguous tensor"
     return None
+
+
+def unsupported_reason(lists: Sequence[Sequence[torch.Tensor]]) -> Optional[str]:
+    """Why the kernels cannot run on these parallel tensor lists, or ``None`` when they can."""
+    return tensor_problem(lists, (torch.float32, torch.float64), "cpu")
 
 
 class _Call:

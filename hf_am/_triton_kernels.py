@@ -20,6 +20,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from ._cpu_kernels import tensor_problem
+
 try:  # Triton ships with torch's CUDA builds; CPU builds and other platforms go without.
     import triton
     import triton.language as tl
@@ -40,20 +42,7 @@ def unsupported_reason(lists: Sequence[Sequence[torch.Tensor]]) -> Optional[str]
     """Why the kernels cannot run on these parallel tensor lists, or ``None`` when they can."""
     if not available():
         return "Triton or CUDA unavailable (or HF_AM_TRITON=0)"
-    tensors = [t for lst in lists for t in lst]
-    if not tensors:
-        return "no tensors"
-    dtype, device = tensors[0].dtype, tensors[0].device
-    if dtype not in _DTYPES:
-        return f"dtype {dtype} (the GPU kernels take float32, bfloat16 or float16)"
-    for t in tensors:
-        if t.device != device or t.device.type != "cuda":
-            return f"a tensor on {t.device} (the GPU kernels run on one CUDA device)"
-        if t.dtype != dtype:
-            return f"mixed dtypes {dtype} and {t.dtype}"
-        if not t.is_contiguous():
-            return "a non-contiguous tensor"
-    return None
+    return tensor_problem(lists, _DTYPES, "cuda")
 
 
 if triton is not None:
