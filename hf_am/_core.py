@@ -447,7 +447,8 @@ class AMOptimizer(torch.optim.Optimizer):
             raise RuntimeError(
                 self._mismatch_message(
                     f"this rank has gradients for {n_present} parameter tensors",
-                    "parameters are unchanged by this step; the optimizer state has this step's second moments",
+                    "parameters and momenta are unchanged by this step; its step counts (and, off the compiled "
+                    "kernels, AM-AdamW's second moments) already include it",
                 )
             )
 

@@ -95,7 +95,7 @@ def _load() -> Optional[ctypes.CDLL]:
     i64, ptr, dbl = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
     head = [ctypes.c_int, ctypes.c_int, i64, ptr]  # dtype bits, threads, n, numel
     lib.am_adamw_sums.argtypes = head + [ptr, ptr, ptr, dbl, ptr, ptr, ptr]
-    lib.am_adamw_update.argtypes = head + [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.am_adamw_update.argtypes = head + [ptr, ptr, ptr, ptr, dbl, ptr, ptr, ptr, ptr, ptr]
     lib.am_sgd_sums.argtypes = head + [ptr, ptr, ptr, dbl, ptr]
     lib.am_sgd_update.argtypes = head + [ptr, ptr, ptr, dbl, ptr, ptr]
     for fn in (lib.am_adamw_sums, lib.am_adamw_update, lib.am_sgd_sums, lib.am_sgd_update):
@@ -160,7 +160,8 @@ def _check(status: int, name: str) -> None:
 
 
 def adamw_sums(grads, exp_avgs, exp_avg_sqs, beta2: float, eps_scaled, d_scale) -> torch.Tensor:
-    """Update ``exp_avg_sqs`` in place; per tensor ``[<d,d>, <g,d>, <g-d,g-d>]`` in the metric 1/D' (float64)."""
+    """Per tensor ``[<d,d>, <g,d>, <g-d,g-d>]`` in the metric 1/D' of this step's second moment
+    ``v' = beta2*v + (1-beta2)*g^2`` (float64).  Reads only: :func:`adamw_update` stores ``v'``."""
     call = _Call(grads)
     out = torch.zeros(call.n, 3, dtype=torch.float64)
     status = library().am_adamw_sums(
@@ -172,13 +173,13 @@ def adamw_sums(grads, exp_avgs, exp_avg_sqs, beta2: float, eps_scaled, d_scale) 
     return out
 
 
-def adamw_update(params, grads, exp_avgs, exp_avg_sqs, eps_scaled, keep, weight, decay, step) -> None:
-    """``m = keep*m; m += weight*(g - m); p = decay*p + step*m/(sqrt(v) + eps')`` per tensor, in place."""
+def adamw_update(params, grads, exp_avgs, exp_avg_sqs, beta2: float, eps_scaled, keep, weight, decay, step) -> None:
+    """``v = v'; m = keep*m; m += weight*(g - m); p = decay*p + step*m/(sqrt(v') + eps')`` per tensor, in place."""
     call = _Call(params)
     status = library().am_adamw_update(
         call.bits, torch.get_num_threads(), call.n, call.numel,
         call.pointers(params), call.pointers(grads), call.pointers(exp_avgs), call.pointers(exp_avg_sqs),
-        call.doubles(eps_scaled), call.doubles(keep), call.doubles(weight), call.doubles(decay), call.doubles(step),
+        float(beta2), call.doubles(eps_scaled), call.doubles(keep), call.doubles(weight), call.doubles(decay), call.doubles(step),
     )  # fmt: skip
     _check(status, "am_adamw_update")
 

@@ -74,8 +74,7 @@ if triton is not None:
             g = tl.load(g_base + idx, mask=mask, other=0.0).to(tl.float32)
             m = tl.load(m_base + idx, mask=mask, other=0.0).to(tl.float32)
             v = tl.load(v_base + idx, mask=mask, other=0.0).to(tl.float32)
-            v = beta2 * v + (1.0 - beta2) * (g * g)
-            tl.store(v_base + idx, v.to(DTYPE), mask=mask)
+            v = beta2 * v + (1.0 - beta2) * (g * g)  # v' (stored by the update kernel)
             inv = 1.0 / (tl.sqrt(v) + eps)
             d = scale * m
             diff = g - d
@@ -87,8 +86,8 @@ if triton is not None:
         tl.store(partial + 3 * pid + 2, tl.sum(sdiff, axis=0))
 
     @triton.jit
-    def _adamw_update_kernel(p_ptrs, g_ptrs, m_ptrs, v_ptrs, numels, block_tensor, block_start, eps_scaled, keep,
-                             weight, decay, step, DTYPE: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _adamw_update_kernel(p_ptrs, g_ptrs, m_ptrs, v_ptrs, numels, block_tensor, block_start, beta2, eps_scaled,
+                             keep, weight, decay, step, DTYPE: tl.constexpr, BLOCK_C: tl.constexpr):
         pid = tl.program_id(0)
         t, start, end = _block_of(pid, block_tensor, block_start, numels)
         p_base = tl.load(p_ptrs + t).to(tl.pointer_type(DTYPE))
@@ -108,6 +107,8 @@ if triton is not None:
             m = m + w * (g - m)
             tl.store(m_base + idx, m.to(DTYPE), mask=mask)
             v = tl.load(v_base + idx, mask=mask, other=0.0).to(tl.float32)
+            v = beta2 * v + (1.0 - beta2) * (g * g)  # v', unrounded here as in the reference path
+            tl.store(v_base + idx, v.to(DTYPE), mask=mask)
             p = tl.load(p_base + idx, mask=mask, other=0.0).to(tl.float32)
             p = dec * p + s * m / (tl.sqrt(v) + eps)
             tl.store(p_base + idx, p.to(DTYPE), mask=mask)
@@ -227,6 +228,7 @@ def _tl_dtype(dtype):
 
 
 def adamw_sums(grads, exp_avgs, exp_avg_sqs, beta2: float, eps_scaled, d_scale) -> torch.Tensor:
+    """Per-tensor sums with this step's second moment v'; reads only (:func:`adamw_update` stores v')."""
     blocks = _blocks(grads)
     n = len(grads)
     partial = torch.empty(blocks.n_programs, 3, dtype=torch.float32, device=grads[0].device)
@@ -238,12 +240,12 @@ def adamw_sums(grads, exp_avgs, exp_avg_sqs, beta2: float, eps_scaled, d_scale) 
     return blocks.per_tensor(partial)
 
 
-def adamw_update(params, grads, exp_avgs, exp_avg_sqs, eps_scaled, keep, weight, decay, step) -> None:
+def adamw_update(params, grads, exp_avgs, exp_avg_sqs, beta2: float, eps_scaled, keep, weight, decay, step) -> None:
     blocks = _blocks(params)
     n, like = len(params), params[0]
     _adamw_update_kernel[(blocks.n_programs,)](
         _pointers(params), _pointers(grads), _pointers(exp_avgs), _pointers(exp_avg_sqs), blocks.numels,
-        blocks.block_tensor, blocks.block_start, _scalars(eps_scaled, like, n),
+        blocks.block_tensor, blocks.block_start, float(beta2), _scalars(eps_scaled, like, n),
         _scalars(1.0 if keep is None else keep, like, n), _scalars(weight, like, n), _scalars(decay, like, n),
         _scalars(step, like, n), DTYPE=_tl_dtype(like.dtype), BLOCK_C=BLOCK,
     )  # fmt: skip

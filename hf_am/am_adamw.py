@@ -199,13 +199,14 @@ class _FusedPhase1(NamedTuple):
     kernels: Any  # _cpu_kernels or _triton_kernels
     bias2_sqrt: torch.Tensor
     eps_scaled: torch.Tensor
+    beta2: float
 
 
 def _sums_fused(kernels, params, grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps):
     acc = accumulation_dtype(grads[0].dtype)
     bias2_sqrt, d_scale, eps_scaled = _bias_terms(steps, prods, eps, beta2, acc)
     sums = kernels.adamw_sums(grads, exp_avgs, exp_avg_sqs, beta2, eps_scaled, d_scale)
-    return sums.to(acc) * bias2_sqrt.unsqueeze(1), _FusedPhase1(kernels, bias2_sqrt, eps_scaled)
+    return sums.to(acc) * bias2_sqrt.unsqueeze(1), _FusedPhase1(kernels, bias2_sqrt, eps_scaled, beta2)
 
 
 def _update_fused(params, grads, exp_avgs, exp_avg_sqs, phase1, beta_eff, restart, prods_new, *, lr, weight_decay, has_restarts):
@@ -213,7 +214,9 @@ def _update_fused(params, grads, exp_avgs, exp_avg_sqs, phase1, beta_eff, restar
     step_size = -lr * phase1.bias2_sqrt / (1.0 - prods_new.to(acc))
     decay = torch.as_tensor(1.0 - lr * weight_decay, dtype=torch.float64)  # a CPU scalar: no transfer
     keep = (1.0 - restart) if has_restarts else None
-    phase1.kernels.adamw_update(params, grads, exp_avgs, exp_avg_sqs, phase1.eps_scaled, keep, 1.0 - beta_eff, decay, step_size)
+    phase1.kernels.adamw_update(
+        params, grads, exp_avgs, exp_avg_sqs, phase1.beta2, phase1.eps_scaled, keep, 1.0 - beta_eff, decay, step_size
+    )
 
 
 class _Phase1(NamedTuple):

@@ -4,9 +4,10 @@
  * Why: on CPU every torch op is a separate pass over memory with its own
  * dispatch; the AM step needs about twice AdamW's elementwise work, so the
  * multi-tensor path stays well above AdamW.  Here each phase of a step is one
- * pass over each tensor: phase 1 updates AdamW's second moment and returns the
- * three weighted sums of ALGORITHM.md section 2 per tensor, phase 2 applies the
- * update with the coefficient computed in Python from those sums.
+ * pass over each tensor: phase 1 only reads, and returns the three weighted sums
+ * of ALGORITHM.md section 2 per tensor (with AdamW's new second moment, not yet
+ * stored); phase 2 applies the update with the coefficient computed in Python
+ * from those sums, and stores the second moment it computes again.
  *
  * Plain C, no torch headers: it compiles in about a second.  Work is split over
  * threads by element ranges (pthreads); partial sums are per thread and added in
@@ -42,12 +43,14 @@ typedef struct {
 typedef void (*RangeFn)(const Work *w, int64_t tensor, int64_t lo, int64_t hi, double *out3);
 
 /* ------------------------------------------------------------------ AM-AdamW */
-/* Phase 1: v = beta2 v + (1 - beta2) g^2;  D' = sqrt(v) + eps'_i;  d = scale_i m;
+/* The second moment of this step: v' = beta2 v + (1 - beta2) g^2 (both phases, the same expression). */
+#define AM_NEXT_V(v, g) (beta2 * (v) + one_m * ((g) * (g)))
+
+/* Phase 1 (reads only): v' as above;  D' = sqrt(v') + eps'_i;  d = scale_i m;
  * sums [d^2/D', g d/D', (g - d)^2/D'].   a=g b=m c=v, h0=beta2, s0=eps', s1=scale. */
 #define ADAMW_SUMS(T, SQRT, NAME)                                                              \
     AM_CLONES static void NAME(const Work *w, int64_t i, int64_t lo, int64_t hi, double *o) { \
-        const T *g = (const T *)w->a[i], *m = (const T *)w->b[i];                        \
-        T *v = (T *)w->c[i];                                                             \
+        const T *g = (const T *)w->a[i], *m = (const T *)w->b[i], *v = (const T *)w->c[i]; \
         const T beta2 = (T)w->h0, one_m = (T)(1.0 - w->h0);                              \
         const T eps = (T)w->s0[i], scale = (T)w->s1[i];                                  \
         for (int64_t start = lo; start < hi; start += AM_BLOCK) {                        \
@@ -56,8 +59,7 @@ typedef void (*RangeFn)(const Work *w, int64_t tensor, int64_t lo, int64_t hi, d
             _Pragma("omp simd reduction(+ : sdd, sgd, sdiff)")                          \
             for (int64_t k = start; k < stop; ++k) {                                     \
                 T gk = g[k];                                                             \
-                T vk = beta2 * v[k] + one_m * (gk * gk);                                 \
-                v[k] = vk;                                                               \
+                T vk = AM_NEXT_V(v[k], gk);                                              \
                 T inv = (T)1 / (SQRT(vk) + eps);                                            \
                 T dk = scale * m[k];                                                     \
                 T diff = gk - dk;                                                        \
@@ -69,21 +71,24 @@ typedef void (*RangeFn)(const Work *w, int64_t tensor, int64_t lo, int64_t hi, d
         }                                                                                \
     }
 
-/* Phase 2: m = keep_i m;  m += w_i (g - m);  p = decay_i p + step_i m / (sqrt(v) + eps'_i).
- * a=p b=g c=m d=v, s0=eps', s1=keep (or NULL), s2=weight, s3=decay, s4=step. */
+/* Phase 2: v = v';  m = keep_i m;  m += w_i (g - m);  p = decay_i p + step_i m / (sqrt(v') + eps'_i).
+ * a=p b=g c=m d=v, h0=beta2, s0=eps', s1=keep (or NULL), s2=weight, s3=decay, s4=step. */
 #define ADAMW_UPDATE(T, SQRT, NAME)                                                            \
     AM_CLONES static void NAME(const Work *w, int64_t i, int64_t lo, int64_t hi, double *o) { \
         (void)o;                                                                         \
-        T *p = (T *)w->a[i], *m = (T *)w->c[i];                                          \
-        const T *g = (const T *)w->b[i], *v = (const T *)w->d[i];                        \
+        T *p = (T *)w->a[i], *m = (T *)w->c[i], *v = (T *)w->d[i];                       \
+        const T *g = (const T *)w->b[i];                                                 \
+        const T beta2 = (T)w->h0, one_m = (T)(1.0 - w->h0);                              \
         const T eps = (T)w->s0[i], keep = w->s1 ? (T)w->s1[i] : (T)1;                    \
         const T weight = (T)w->s2[i], decay = (T)w->s3[i], step = (T)w->s4[i];           \
         _Pragma("omp simd")                                                              \
         for (int64_t k = lo; k < hi; ++k) {                                              \
+            T gk = g[k], vk = AM_NEXT_V(v[k], gk);                                      \
             T mk = keep * m[k];                                                          \
-            mk = mk + weight * (g[k] - mk);                                              \
+            mk = mk + weight * (gk - mk);                                                \
+            v[k] = vk;                                                                   \
             m[k] = mk;                                                                   \
-            p[k] = decay * p[k] + step * mk / (SQRT(v[k]) + eps);                        \
+            p[k] = decay * p[k] + step * mk / (SQRT(vk) + eps);                          \
         }                                                                                \
     }
 
@@ -205,11 +210,11 @@ int am_adamw_sums(int dtype_bits, int threads, int64_t n, const int64_t *numel, 
 }
 
 int am_adamw_update(int dtype_bits, int threads, int64_t n, const int64_t *numel, void **p, void **g, void **m,
-                    void **v, const double *eps_scaled, const double *keep, const double *weight,
+                    void **v, double beta2, const double *eps_scaled, const double *keep, const double *weight,
                     const double *decay, const double *step) {
     Work w;
     memset(&w, 0, sizeof w);
-    w.n = n; w.numel = numel; w.a = p; w.b = g; w.c = m; w.d = v;
+    w.n = n; w.numel = numel; w.a = p; w.b = g; w.c = m; w.d = v; w.h0 = beta2;
     w.s0 = eps_scaled; w.s1 = keep; w.s2 = weight; w.s3 = decay; w.s4 = step;
     return run(w, dtype_bits == 64 ? adamw_update_f64 : adamw_update_f32, threads, NULL);
 }
