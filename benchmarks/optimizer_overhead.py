@@ -91,7 +91,7 @@ def _default_path(device: str, dtype: torch.dtype) -> str:
     probe = [torch.zeros(2, device=device, dtype=dtype)]
     kernels, reason = fused_kernels([probe, probe])
     if kernels is not None:
-        return f"compiled kernels ({kernels.__name__.rsplit('.', 1)[-1]})"
+        return f"compiled kernels ({kernels.__name__})"
     fallback = "per-tensor reference" if dtype not in (torch.float32, torch.float64) else "multi-tensor (foreach)"
     return f"{fallback}; compiled kernels unavailable: {reason}"
 
