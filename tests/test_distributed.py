@@ -99,7 +99,8 @@ def test_ranks_disagreeing_on_scopes_raise_on_every_rank(flat_launch):
 def test_ranks_disagreeing_on_gradients_mid_run_raise_without_a_hang(flat_launch):
     """After the first step's check, rank 1 alone loses one gradient at step 3.  The disagreement is
     caught inside the step's one collective (no extra collective, no mismatched ones that could
-    hang): every rank raises before moving a parameter, and the next step runs normally."""
+    hang): every rank raises before moving a parameter or a moment (the default CPU path, the C
+    kernels, stores the second moment in its update pass), and the next step runs normally."""
     results = [r["late"] for r in flat_launch]
     for rank, r in enumerate(results):
         for scope in ("tensor", "group", "model"):
@@ -110,6 +111,7 @@ def test_ranks_disagreeing_on_gradients_mid_run_raise_without_a_hang(flat_launch
             assert res["calls"][2] == {"all_reduce": 1}, res["calls"]
             assert res["calls"][3] == {"all_reduce": 1}, res["calls"]
             assert res["unchanged"][2] and not res["unchanged"][3], (rank, scope, res["unchanged"])
+            assert res["moments_unchanged"][2] and not res["moments_unchanged"][3], (rank, scope, res["moments_unchanged"])
 
 
 # ------------------------------------------------------------ (d) replicas: no collective

@@ -163,7 +163,7 @@ def run_late_disagreement(rank, scope, device="cpu"):
     bounds = [piece_bounds(rank, p.numel(), c) for p, c in zip(params, CUTS)]
     pieces = [torch.nn.Parameter(p.detach().flatten()[a:b].clone().to(device)) for p, (a, b) in zip(params, bounds)]
     opt = dc.make_optimizer("adamw", [{"params": pieces}], scope, process_group=dist.group.WORLD)
-    record = {"errors": [], "calls": [], "unchanged": []}
+    record = {"errors": [], "calls": [], "unchanged": [], "moments_unchanged": []}
     for step, (x, y) in enumerate(dc.global_batches(4)):
         model.zero_grad()
         dc.loss_fn(model, x, y).backward()
@@ -171,6 +171,8 @@ def run_late_disagreement(rank, scope, device="cpu"):
             drop = step == 2 and rank == 1 and i == 0  # rank 1 alone loses a non-empty piece's gradient
             q.grad = None if drop else p.grad.detach().flatten()[a:b].clone().to(device)
         before = [q.detach().clone() for q in pieces]
+        moments = [opt.state[q].get(k) for q in pieces for k in ("exp_avg", "exp_avg_sq")]
+        moments_before = [None if t is None else t.clone() for t in moments]
         error = None
         with dc.CollectiveCounter() as counter:
             try:
@@ -180,6 +182,9 @@ def run_late_disagreement(rank, scope, device="cpu"):
         record["errors"].append(error)
         record["calls"].append(counter.calls)
         record["unchanged"].append(all(torch.equal(a, b) for a, b in zip(before, pieces)))
+        record["moments_unchanged"].append(
+            step > 0 and all(torch.equal(a, b) for a, b in zip(moments_before, moments) if b.numel())
+        )
         try:
             opt.check_layout()
             record.setdefault("checked", []).append(None)
