@@ -4,8 +4,9 @@ The test side (:func:`launch`) starts ``nproc`` real ``torch.distributed``
 processes on a free port, waits for them with a timeout (a hang becomes a
 failure, never a stuck CI job) and returns what every rank wrote.  The worker
 side (:func:`init`, :func:`finish`) joins the gloo group and always leaves it
-with ``destroy_process_group()`` before exiting, which keeps gloo from aborting
-with "terminate called without an active exception".
+with ``destroy_process_group()`` and exits without interpreter teardown
+(:func:`exit_process`), which keeps gloo from aborting with "terminate called
+without an active exception".
 """
 
 from __future__ import annotations
@@ -121,8 +122,17 @@ def finish(result: dict) -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    exit_process(0)
+
+
+def exit_process(code: int) -> None:
+    """End a worker whose results are written and whose process group is destroyed, skipping
+    interpreter teardown: objects that still hold the group (FSDP modules, pending gloo work)
+    are freed there, and gloo's threads can then abort the process with "terminate called
+    without an active exception" (seen here once, in the FSDP1 worker, in a full test run)."""
     sys.stdout.flush()
     sys.stderr.flush()
+    os._exit(code)
 
 
 class CollectiveCounter:

@@ -127,7 +127,7 @@ def main():
     except Exception:
         traceback.print_exc()
         dist.destroy_process_group()
-        sys.exit(1)
+        dc.exit_process(1)
     dc.finish(result)
 
 

@@ -217,7 +217,7 @@ def main():
         traceback.print_exc()
         if dist.is_initialized():
             dist.destroy_process_group()
-        sys.exit(1)
+        dc.exit_process(1)
     dc.finish(result)
 
 

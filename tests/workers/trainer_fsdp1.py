@@ -21,6 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), HERE]
 
 import hf_am  # noqa: E402
+from dist_common import exit_process  # noqa: E402
 from trainer_common import TokenData  # noqa: E402
 
 
@@ -81,4 +82,4 @@ def main(model_dir: str, out: str, mode: str = "wire") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:]))
+    exit_process(main(*sys.argv[1:]))

@@ -174,4 +174,6 @@ def main(spec_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    from dist_common import exit_process
+
+    exit_process(main(sys.argv[1]))
