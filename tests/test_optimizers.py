@@ -470,6 +470,44 @@ def test_failed_step_leaves_parameters_and_state_untouched(name):
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_grad_scaler_skips_overflow_steps_and_otherwise_changes_nothing(name, path):
+    """Mixed-precision loss scaling (``torch.amp.GradScaler``): a step whose gradients overflow is
+    skipped without touching the optimizer (no state, no beta, no previous-lr bookkeeping), and
+    the other steps equal an unscaled run that leaves the same step out (power-of-two scales are
+    exact)."""
+    batches = make_batches(6)
+    plain_model, scaled_model = make_model(), make_model()
+    plain = OPTIMIZERS[name](two_groups(plain_model), **PATHS[path])
+    scaled = OPTIMIZERS[name](two_groups(scaled_model), **PATHS[path])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    overflow_step = 3
+    for step, batch in enumerate(batches):
+        plain.zero_grad()
+        loss_fn(plain_model, batch).backward()
+        if step != overflow_step:
+            plain.step()
+        scaled.zero_grad()
+        scaler.scale(loss_fn(scaled_model, batch)).backward()
+        if step == overflow_step:
+            next(scaled_model.parameters()).grad[0, 0] = float("inf")
+            state_before = {p: {k: v.clone() for k, v in st.items()} for p, st in scaled.state.items()}
+            params_before = [p.detach().clone() for p in scaled_model.parameters()]
+            groups_before = [{k: v for k, v in g.items() if k != "params"} for g in scaled.param_groups]
+        scaler.step(scaled)
+        scaler.update()
+        if step == overflow_step:
+            assert scaler.get_scale() == 2.0**9  # the overflow was seen
+            assert all(torch.equal(a, b) for a, b in zip(params_before, scaled_model.parameters()))
+            for p, st in state_before.items():
+                for k, v in st.items():
+                    assert torch.equal(v, scaled.state[p][k]), k
+            assert groups_before == [{k: v for k, v in g.items() if k != "params"} for g in scaled.param_groups]
+    assert max_param_diff(plain_model, scaled_model) < 1e-7
+    torch.testing.assert_close(plain.betas_per_scope(), scaled.betas_per_scope(), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_fused_on_unsupported_tensors_is_a_clear_error_and_changes_nothing(name):
     """fused=True insists on the compiled kernels; bf16 has none, and the step must say so up front."""
     model = make_model(dtype=torch.bfloat16)
