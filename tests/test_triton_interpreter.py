@@ -1,5 +1,8 @@
 """The Triton kernels (the default path on CUDA) checked on this CPU machine, in Triton's interpreter.
 
+Needs Triton: torch's CUDA builds bring it; on CPU-only machines ``scripts/setup.sh test``
+installs it into ``.triton_interpreter/``, which only this test's subprocess imports from.
+
 ``tests/test_cuda.py`` runs them compiled on a GPU; here every launch runs in
 Triton's interpreter on CPU tensors (``tests/workers/triton_interpret.py``), so CI
 catches a wrong kernel without a GPU: float32 equals the per-tensor reference to
@@ -18,12 +21,16 @@ from pathlib import Path
 import pytest
 
 WORKER = Path(__file__).resolve().parent / "workers" / "triton_interpret.py"
+# Where ``scripts/setup.sh test`` puts Triton on machines whose torch has none (CPU builds).
+TRITON_DIR = Path(__file__).resolve().parents[1] / ".triton_interpreter"
 
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     out = tmp_path_factory.mktemp("triton") / "results.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
+    if TRITON_DIR.is_dir():
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TRITON_DIR), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())

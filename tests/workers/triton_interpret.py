@@ -27,6 +27,12 @@ from _problems import loss_fn, two_groups  # noqa: E402
 from hf_am import AMAdamW, AMSGD, _core  # noqa: E402
 from hf_am import _triton_kernels as triton_kernels  # noqa: E402
 
+if triton_kernels.triton is None:
+    raise SystemExit(
+        "Triton is not importable: run `bash scripts/setup.sh test` (it installs Triton into "
+        ".triton_interpreter/ on CPU-only machines) or `pip install triton`"
+    )
+
 INTERPRETED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
