@@ -77,4 +77,6 @@ def clone_model(model):
 
 
 def max_param_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    return max((pa.double() - pb.double()).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters()))
+    """Largest elementwise difference over the parameters (empty ones, a rank's empty shard, have none)."""
+    pairs = [(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()) if pa.numel()]
+    return max((pa.double() - pb.double()).abs().max().item() for pa, pb in pairs)

@@ -22,7 +22,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: _problems
-from _problems import loss_fn, two_groups  # noqa: E402
+from _problems import max_param_diff, train, two_groups  # noqa: E402
 
 from hf_am import AMAdamW, AMSGD, _core  # noqa: E402
 from hf_am import _triton_kernels as triton_kernels  # noqa: E402
@@ -44,17 +44,23 @@ def triton_on_cpu(lists):
 _core.fused_kernels = triton_on_cpu
 
 
-def make_model(dtype):
+class Model(torch.nn.Module):
     """Tensors of one program (biases), of several programs (the 130x140 matrix spans two
-    CHUNKs) and an empty one (a rank's empty shard), so per-tensor sums cross programs."""
+    CHUNKs) and an empty one (a rank's empty shard, with an empty gradient), so per-tensor
+    sums cross programs."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(130, 140), torch.nn.Tanh(), torch.nn.Linear(140, 3))
+        self.empty = torch.nn.Parameter(torch.zeros(0))
+
+    def forward(self, x):
+        return self.net(x) + self.empty.sum()
+
+
+def make_model(dtype):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(130, 140), torch.nn.Tanh(), torch.nn.Linear(140, 3))
-    model.register_parameter("empty", torch.nn.Parameter(torch.zeros(0)))
-    return model.to(dtype)
-
-
-def max_diff(a, b) -> float:
-    return max(float((p - q).detach().double().abs().max()) for p, q in zip(a.parameters(), b.parameters()) if p.numel())
+    return Model().to(dtype)
 
 
 def run(name, dtype, variant, steps=6):
@@ -75,18 +81,11 @@ def run(name, dtype, variant, steps=6):
     ]
     triton_kernels._blocks_cache.clear()
     for model, opt in zip(models, opts):
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s % 3))
-        for batch in batches:
-            opt.zero_grad()
-            loss = loss_fn(model, batch)
-            loss.backward()
-            model.empty.grad = torch.zeros(0, dtype=dtype)
-            opt.step()
-            sched.step()
+        train(model, opt, batches, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s % 3)))
     return {
         "ran": len(triton_kernels._blocks_cache) > 0,
-        "moved": max_diff(models[0], make_model(dtype)),
-        "param_diff": max_diff(*models),
+        "moved": max_param_diff(models[0], make_model(dtype)),
+        "param_diff": max_param_diff(*models),
         "beta_diff": float((opts[0].betas_per_scope().double() - opts[1].betas_per_scope().double()).abs().max()),
     }
 
