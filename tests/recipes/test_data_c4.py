@@ -3,16 +3,13 @@ round trips, packing, determinism and the per-rank split."""
 
 import json
 import os
-import sys
 from itertools import islice
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-
-import c4_data  # noqa: E402
+import c4_data  # recipes/ is on sys.path through pytest's pythonpath setting (pyproject.toml)
 
 SEQ = 64
 
