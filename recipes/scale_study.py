@@ -4,9 +4,10 @@
 Each grid point is one run of ``pretrain_llama_c4.py`` in its own directory
 (``<output_dir>/runs/<size>-<optim>-<variant>-s<seed>``), started as a subprocess on this
 machine (``--launcher python``) or across devices (``--launcher accelerate`` with
-``--accelerate_config``, or ``--launcher torchrun --nproc_per_node N``). Finished runs
-(those with a ``run_summary.json``) are skipped, so an interrupted study resumes where it
-stopped. At the end (or with ``--report_only``) the runs are collected into
+``--accelerate_config``, or ``--launcher torchrun --nproc_per_node N``), or submitted as one
+SLURM batch job per grid point (``--launcher slurm``, options ``--slurm-*``; see ``_slurm.py``).
+Finished runs (those with a ``run_summary.json``) are skipped, so an interrupted study resumes
+where it stopped. At the end (or with ``--report_only``) the runs are collected into
 
 * ``results.csv``: one row per run (final / best eval loss and perplexity, eval loss at
   fixed token counts, divergence events, ``am_*`` beta_t statistics, wall time);
@@ -35,6 +36,10 @@ from collections import defaultdict
 from pathlib import Path
 
 RECIPES_DIR = Path(__file__).resolve().parent
+if str(RECIPES_DIR) not in sys.path:  # _slurm.py, next to this file
+    sys.path.insert(0, str(RECIPES_DIR))
+
+import _slurm  # noqa: E402
 RECIPE = RECIPES_DIR / "pretrain_llama_c4.py"
 SUMMARY_FILE = "run_summary.json"
 PROGRESS_FILE = "progress.jsonl"
@@ -94,6 +99,8 @@ def launcher_prefix(args) -> list[str]:
         return cmd
     if args.launcher == "torchrun":
         return ["torchrun", "--standalone", "--nproc_per_node", str(args.nproc_per_node or 1)]
+    if args.launcher == "slurm":  # the job script puts python / torchrun / srun in front
+        return []
     raise ValueError(args.launcher)
 
 
@@ -262,7 +269,8 @@ def collect(out_dir: Path, runs: list[dict], loss_at_tokens: list[float] | None)
                "seed": run["seed"]}
         if s is None:
             failed = out_dir / "runs" / run["name"] / FAILED_FILE
-            row["status"] = "failed" if failed.exists() else "missing"
+            submitted = out_dir / "runs" / run["name"] / _slurm.JOB_FILE
+            row["status"] = "failed" if failed.exists() else "submitted" if submitted.exists() else "missing"
             rows.append(row)
             continue
         curve = eval_curve(s)
@@ -519,7 +527,8 @@ def parse_args(argv=None):
                    help="token counts for the eval-loss-at-tokens columns (default 10/25/50%% of each budget)")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs at the same time (python launcher; CPU threads are split between them)")
-    p.add_argument("--launcher", choices=["python", "accelerate", "torchrun"], default="python")
+    p.add_argument("--launcher", choices=["python", "accelerate", "torchrun", "slurm"], default="python",
+                   help="slurm: one sbatch job per grid point, see the --slurm-* options")
     p.add_argument("--accelerate_config", default=None)
     p.add_argument("--nproc_per_node", type=int, default=None)
     p.add_argument("--report_only", action="store_true", help="only collect finished runs into table and plots")
@@ -527,6 +536,7 @@ def parse_args(argv=None):
     p.add_argument("--no_plots", action="store_true")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     p.add_argument("--dry_run", action="store_true", help="print the commands only")
+    _slurm.add_arguments(p)
     args = p.parse_args(argv)
     preset = PRESETS.get(args.preset, {})
     for key in ("sizes", "optims", "variants", "seeds", "output_dir", "jobs", "am_optim_args"):
@@ -550,7 +560,11 @@ def main(argv=None) -> int:
     (out_dir / "study.json").write_text(json.dumps(
         {k: v for k, v in vars(args).items()} | {"runs": [r["name"] for r in runs]}, indent=1))
 
-    if not args.report_only:
+    if args.launcher == "slurm" and not args.report_only:
+        status = slurm_study(args, runs, out_dir)
+        if status is not None:
+            return status
+    elif not args.report_only:
         todo = [r for r in runs if not (out_dir / "runs" / r["name"] / SUMMARY_FILE).exists()]
         print(f"[scale_study] {len(runs)} runs in the grid, {len(runs) - len(todo)} already finished, "
               f"{len(todo)} to run -> {out_dir}", flush=True)
@@ -612,7 +626,26 @@ def main(argv=None) -> int:
     print(f"\n[scale_study] wrote {out_dir / 'results.csv'}, {out_dir / 'results.md'}"
           + ("" if args.no_plots else f" and plots in {out_dir / 'plots'}"))
     rows = list(csv.DictReader(open(out_dir / "results.csv")))
+    if args.launcher == "slurm" and args.slurm_no_wait and not args.report_only:
+        return 0 if all(r["status"] in {"done", "submitted"} for r in rows) else 1
     return 0 if all(r["status"] == "done" for r in rows) else 1
+
+
+def slurm_study(args, runs: list[dict], out_dir: Path) -> int | None:
+    """The grid as SLURM jobs; None to go on to the report, else the exit status."""
+    def recipe_command(run, run_dir):
+        return run_command(args, run, run_dir)
+
+    try:
+        if args.dry_run:
+            _slurm.dry_run(args, runs, out_dir, recipe_command, RECIPES_DIR.parent)
+            return 0
+        _slurm.run_study(args, runs, out_dir, recipe_command, RECIPES_DIR.parent,
+                         check_optims=lambda optims: _slurm.check_optims_parallel(optim_available, optims))
+    except _slurm.SlurmError as e:
+        print(f"[scale_study] error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return None
 
 
 if __name__ == "__main__":
