@@ -74,7 +74,7 @@ def _clean(obj):
             return "nan"
         if math.isinf(obj):
             return "inf" if obj > 0 else "-inf"
-        return float(f"{obj:.7g}")  # 7 significant digits keep the files small
+        return obj
     if isinstance(obj, dict):
         return {str(k): _clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -275,20 +275,26 @@ def run_deterministic(
 
 
 def max_iterate_distance(a: List[torch.Tensor], b: List[torch.Tensor]) -> float:
-    """max_t ||a_t - b_t|| / ||a_0||; inf when the runs have different lengths."""
+    """max_t ||a_t - b_t|| / max_t ||a_t||; inf when the runs have different lengths."""
     if len(a) != len(b):
         return float("inf")
-    scale = float(a[0].norm()) or 1.0
+    scale = max(float(u.norm()) for u in a) or 1.0
     return max(float((u - v).norm()) for u, v in zip(a, b)) / scale
+
+
+def _round(v) -> float:
+    """Curves are kept to 7 significant digits (small files); scalars keep full precision."""
+    v = float(v)
+    return float(f"{v:.7g}") if math.isfinite(v) else v
 
 
 def thin(values: Sequence[float], max_points: int = 200) -> Dict[str, List]:
     """Keep about ``max_points`` points of a curve (log-spaced indices) so the JSON stays small."""
     n = len(values)
     if n <= max_points:
-        return {"t": list(range(n)), "v": [float(v) for v in values]}
+        return {"t": list(range(n)), "v": [_round(v) for v in values]}
     idx = np.unique(np.concatenate([np.arange(min(n, 50)), np.geomspace(1, n - 1, max_points - 50).astype(int), [n - 1]]))
-    return {"t": [int(i) for i in idx], "v": [float(values[i]) for i in idx]}
+    return {"t": [int(i) for i in idx], "v": [_round(values[i]) for i in idx]}
 
 
 def optimizer_stats(opt) -> Optional[Dict]:
