@@ -86,10 +86,10 @@ def time_round(candidates: Dict[str, Callable], params, repeats: int, warmup: in
 
 def _default_path(device: str, dtype: torch.dtype) -> str:
     """What AMAdamW(..) without foreach/fused runs on this device and dtype."""
-    from hf_am._core import fused_kernels
+    from hf_am.kernels import select_kernels
 
     probe = [torch.zeros(2, device=device, dtype=dtype)]
-    kernels, reason = fused_kernels([probe, probe])
+    kernels, reason = select_kernels([probe, probe])
     if kernels is not None:
         return f"compiled kernels ({kernels.__name__})"
     fallback = "per-tensor reference" if dtype not in (torch.float32, torch.float64) else "multi-tensor (foreach)"

@@ -8,16 +8,20 @@
 import importlib.util as _importlib_util
 import os as _os
 
-from ._beta import adaptive_beta, effective_momentum
-from ._core import AMOptimizer, param_groups_per_tensor
 from .am_adamw import AMAdamW
 from .am_sgd import AMSGD
+from .coefficient import adaptive_beta, effective_momentum
+from .hyperparameters import Hyperparameters
+from .optimizer import AMOptimizer, param_groups_per_tensor
+from .planning import Path
 
 __version__ = "0.1.0"
 __all__ = [
     "AMAdamW",
     "AMSGD",
     "AMOptimizer",
+    "Hyperparameters",
+    "Path",
     "adaptive_beta",
     "effective_momentum",
     "param_groups_per_tensor",

@@ -1,11 +1,12 @@
 /*
- * Fused CPU kernels of AM-AdamW and AM-SGD (hf_am/_cpu_kernels.py builds and loads this).
+ * Fused CPU kernels of AM-AdamW and AM-SGD (hf_am/kernels/cpu_build.py builds and loads this,
+ * hf_am/kernels/cpu.py calls it).
  *
  * Why: on CPU every torch op is a separate pass over memory with its own
  * dispatch; the AM step needs about twice AdamW's elementwise work, so the
  * multi-tensor path stays well above AdamW.  Here each phase of a step is one
  * pass over each tensor: phase 1 only reads, and returns the three weighted sums
- * of ALGORITHM.md section 2 per tensor (with AdamW's new second moment, not yet
+ * of docs/algorithm.md §2 per tensor (with AdamW's new second moment, not yet
  * stored); phase 2 applies the update with the coefficient computed in Python
  * from those sums, and stores the second moment it computes again.
  *

@@ -1,6 +1,6 @@
-"""Connect an AM optimizer to the DeepSpeed engine that drives it.
+"""Everything DeepSpeed: connecting an AM optimizer to its engine, param groups for ZeRO, config checks.
 
-Why this is needed (ALGORITHM.md section 6): the adaptive ``beta`` is a ratio of
+Why attaching is needed (docs/algorithm.md §8): the adaptive ``beta`` is a ratio of
 three sums over a whole *scope* (tensor, group or model).  Under ZeRO every rank
 holds only a flat partition of each parameter group, so
 
@@ -26,36 +26,29 @@ Only DeepSpeed's public-looking attributes of version 0.19 are read
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from hf_am._core import AMOptimizer
+from ..optimizer import AMOptimizer, param_groups_per_tensor
+from ..hyperparameters import SCOPES
+from .optim_args import optim_value
+from .wrappers import wrapper_chain
 
-__all__ = ["attach_to_deepspeed", "find_am_optimizer"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["arrange_param_groups_for_deepspeed", "attach_to_deepspeed", "prepare_deepspeed_config", "uses_deepspeed"]
 
 _ATTACHED = "_hf_am_deepspeed"  # attribute on the AM optimizer: what attach_to_deepspeed set up
 
 
-def find_am_optimizer(obj) -> Tuple[AMOptimizer, list]:
-    """``(am, chain)``: the AM optimizer inside ``obj`` and the objects passed on the way.
-
-    Follows ``.optimizer`` (DeepSpeed engine -> ZeRO optimizer -> client
-    optimizer; accelerate's ``AcceleratedOptimizer`` / ``DeepSpeedOptimizerWrapper``)
-    and ``.engine`` (accelerate's ``DeepSpeedEngineWrapper``).
-    """
-    chain: list = []
-    seen = set()
-    current = obj
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        chain.append(current)
+def _find_am(obj) -> Tuple[AMOptimizer, list]:
+    """``(am, chain)``: the AM optimizer inside ``obj`` and the objects passed on the way."""
+    chain = wrapper_chain(obj)
+    for i, current in enumerate(chain):
         if isinstance(current, AMOptimizer):
-            return current, chain
-        nxt = getattr(current, "optimizer", None)
-        if nxt is None:
-            nxt = getattr(current, "engine", None)
-        current = nxt
+            return current, chain[: i + 1]
     described = " -> ".join(type(o).__name__ for o in chain) or type(obj).__name__
     raise TypeError(
         f"attach_to_deepspeed: no hf_am.AMOptimizer found by following .optimizer from {described}. "
@@ -328,7 +321,7 @@ def attach_to_deepspeed(obj) -> AMOptimizer:
     gradient is the same on every rank, so the sums stay exact, but the run
     equals an unclipped one only with ``gradient_clipping: 0``.
     """
-    am, chain = find_am_optimizer(obj)
+    am, chain = _find_am(obj)
     wrapper = chain[-2] if len(chain) >= 2 and getattr(chain[-2], "optimizer", None) is am else None
     kind = _deepspeed_kind(wrapper)
     attached: Optional[Dict[str, Any]] = getattr(am, _ATTACHED, None)
@@ -404,3 +397,114 @@ class _AllPartitions:
     def __init__(self, zero_opt, am):
         self.param_groups = [{"params": list(zero_opt.fp32_partitioned_groups_flat)}]
         self.state = am.state
+
+
+# ------------------------------------------------------------------ param groups for ZeRO
+def _normalise_groups(params) -> List[Dict[str, Any]]:
+    items = list(params)
+    if not items:
+        return []
+    if not isinstance(items[0], dict):
+        return [{"params": items}]
+    groups = []
+    for group in items:
+        ps = group["params"]
+        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+        groups.append({**group, "params": ps})
+    return groups
+
+
+def arrange_param_groups_for_deepspeed(params, scope: str) -> List[Dict[str, Any]]:
+    """Param groups with which DeepSpeed ZeRO's one-``step()``-per-group computes ``scope`` exactly.
+
+    * ``"tensor"``: one group per tensor (each keeps its group's options, e.g. its weight decay);
+    * ``"group"``: the groups as they are (ZeRO steps each group whole);
+    * ``"model"``: one group; several groups are merged when all their options agree,
+      otherwise ``ValueError`` (DeepSpeed cannot sum one scope over several ``step()`` calls).
+
+    Empty groups are dropped (DeepSpeed drops them too).
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"Invalid scope: {scope!r} (allowed: {', '.join(SCOPES)})")
+    groups = [g for g in _normalise_groups(params) if g["params"]]
+    if scope == "tensor":
+        return param_groups_per_tensor(groups)
+    if scope == "group" or len(groups) <= 1:
+        return groups
+    options = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+    if all(o == options[0] for o in options[1:]):
+        return [{**options[0], "params": [p for g in groups for p in g["params"]]}]
+    described = "; ".join(
+        f"group {i}: {len(g['params'])} tensors with "
+        + ", ".join(f"{k}={v!r}" for k, v in sorted(o.items()))
+        for i, (g, o) in enumerate(zip(groups, options))
+    )
+    raise ValueError(
+        "scope='model' computes one beta over all parameters, but DeepSpeed ZeRO calls optimizer.step() once "
+        f"per parameter group and these {len(groups)} groups cannot be merged because their options differ "
+        f"({described}). With the Trainer this is the decay/no-decay split: use --optim_args scope=tensor or "
+        "scope=group, or --weight_decay 0 so that the groups agree and are merged."
+    )
+
+
+# ------------------------------------------------------------------ Trainer/accelerate configs
+def _deepspeed_config_dicts(args) -> List[dict]:
+    """Every DeepSpeed config dict the Trainer/accelerate may hand to ``deepspeed.initialize``."""
+    plugins = [getattr(args, "deepspeed_plugin", None)]
+    try:
+        from accelerate.state import AcceleratorState
+
+        if AcceleratorState._shared_state:
+            plugins.append(getattr(AcceleratorState(), "deepspeed_plugin", None))
+    except Exception:  # pragma: no cover - accelerate missing or state half-initialised
+        pass
+    dicts: Dict[int, dict] = {}
+    for plugin in plugins:
+        if plugin is None:
+            continue
+        hf_ds_config = getattr(plugin, "hf_ds_config", None)
+        for cfg in (getattr(plugin, "deepspeed_config", None), getattr(hf_ds_config, "config", None)):
+            if isinstance(cfg, dict):
+                dicts[id(cfg)] = cfg
+    hf_cfg = getattr(getattr(args, "hf_deepspeed_config", None), "config", None)
+    if isinstance(hf_cfg, dict) and dicts:
+        dicts[id(hf_cfg)] = hf_cfg
+    return list(dicts.values())
+
+
+def uses_deepspeed(args) -> bool:
+    return getattr(args, "deepspeed_plugin", None) is not None
+
+
+def prepare_deepspeed_config(args) -> None:
+    """Check / adapt the DeepSpeed config of a Trainer run that asked for an AM optimizer.
+
+    * A config with its own ``"optimizer"`` section would make DeepSpeed build
+      that optimizer instead: ``ValueError``.
+    * ZeRO-Offload of the optimizer (``offload_optimizer.device`` cpu/nvme) refuses client
+      optimizers unless ``"zero_force_ds_cpu_optimizer": false``; it is set to false when
+      absent (the AM optimizer then runs on the offloaded fp32 partitions), and an explicit
+      ``true`` is a ``ValueError``.
+    """
+    name = optim_value(args.optim)
+    for cfg in _deepspeed_config_dicts(args):
+        if "optimizer" in cfg:
+            raise ValueError(
+                f"--optim {name} was requested, but the DeepSpeed config has its own \"optimizer\" section "
+                f"({cfg['optimizer'].get('type', '?') if isinstance(cfg['optimizer'], dict) else cfg['optimizer']!r}), "
+                f"with which DeepSpeed would train with that optimizer instead of {name}. Remove the \"optimizer\" "
+                "section from the DeepSpeed config (a \"scheduler\" section may stay)."
+            )
+        zero = cfg.get("zero_optimization") or {}
+        device = (zero.get("offload_optimizer") or {}).get("device")
+        if str(device).lower() in ("cpu", "nvme"):
+            force = cfg.get("zero_force_ds_cpu_optimizer")
+            if force is True or str(force).lower() == "true":
+                raise ValueError(
+                    f"--optim {name} with ZeRO-Offload (offload_optimizer.device={device!r}) needs "
+                    "\"zero_force_ds_cpu_optimizer\": false in the DeepSpeed config, which has it set to true "
+                    "(DeepSpeed would refuse any optimizer other than DeepSpeedCPUAdam)."
+                )
+            if force is None:
+                logger.info("hf_am: setting zero_force_ds_cpu_optimizer=false so that ZeRO-Offload accepts %s", name)
+            cfg["zero_force_ds_cpu_optimizer"] = False

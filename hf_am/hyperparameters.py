@@ -1,0 +1,147 @@
+"""Hyperparameters of the AM optimizers: their named type and the one table of allowed values.
+
+Every range is written once, here, as a :class:`Rule`.  The optimizers'
+constructors and ``add_param_group`` check param groups with
+:func:`validate_group`; ``--optim_args`` (:mod:`hf_am.integrations.optim_args`)
+describes and checks its values through the same rules, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+#: ``scope=`` values (docs/algorithm.md §4).
+SCOPES = ("model", "group", "tensor")
+#: ``loss_estimate=`` values (docs/algorithm.md §3).
+LOSS_ESTIMATES = ("linear", "exact")
+
+
+class Hyperparameters(NamedTuple):
+    """The AM settings one scope's coefficient depends on (docs/algorithm.md §2, §7)."""
+
+    lam: float  #: the paper's lambda: pull towards the previous step
+    beta_min: float  #: lower clip of the adaptive coefficient
+    beta_max: float  #: upper clip (``betas[0]`` of AM-AdamW, ``momentum`` of AM-SGD)
+    restart_threshold: Optional[float]  #: ``None``, or the Restart variant's threshold
+
+
+def is_real(value) -> bool:
+    """A real number: a Python int/float (not a bool) or a one-element tensor."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) or (
+        isinstance(value, torch.Tensor) and value.numel() == 1
+    )
+
+
+def check_range(name: str, value, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One checked value: where it lives, how messages name it, what is allowed.
+
+    ``read`` takes the param group and returns the value; ``ok(value, group)``
+    decides; ``allowed`` may name ``{beta_max}``, filled in from the group.
+    ``error`` is the exception type (``TypeError`` for wrong kinds of value).
+    """
+
+    option: str  # the constructor argument / --optim_args key
+    label: str  # the name in messages
+    allowed: str
+    ok: Callable[[Any, Mapping[str, Any]], bool]
+    read: Callable[[Mapping[str, Any]], Any]
+    error: type = ValueError
+
+    def check(self, group: Mapping[str, Any], beta_max: float) -> None:
+        value = self.read(group)
+        if not self.ok(value, group):
+            raise self.error(f"Invalid {self.label}: {value!r} (allowed: {self.allowed.format(beta_max=beta_max)})")
+
+    def describe(self) -> str:
+        """The allowed values without a group at hand (``beta_max`` stays a name)."""
+        return self.allowed.replace(" = {beta_max}", "")
+
+
+def _key(name: str) -> Callable[[Mapping[str, Any]], Any]:
+    return lambda group: group.get(name)
+
+
+def _optional_bool(value, group) -> bool:
+    return value is None or isinstance(value, bool)
+
+
+def beta_max_rule(option: str, read: Callable[[Mapping[str, Any]], Any]) -> Rule:
+    return Rule(option, f"{option} (beta_max)", "0 <= beta_max < 1", lambda v, g: is_real(v) and 0.0 <= v < 1.0, read)
+
+
+def _lr_ok(lr, group) -> bool:
+    if isinstance(lr, torch.Tensor):
+        return True  # checked for its shape by validate_group (a tensor lr is moved by schedulers)
+    return is_real(lr) and lr >= 0.0
+
+
+LR = Rule("lr", "learning rate", "lr >= 0", _lr_ok, _key("lr"))
+WEIGHT_DECAY = Rule("weight_decay", "weight_decay", "weight_decay >= 0", lambda v, g: is_real(v) and v >= 0.0, _key("weight_decay"))
+LAM = Rule("lam", "lam", "lam >= 0", lambda v, g: is_real(v) and v >= 0.0, _key("lam"))
+FOREACH = Rule("foreach", "foreach", "None, True, False", _optional_bool, _key("foreach"), TypeError)
+FUSED = Rule("fused", "fused", "None, True, False", _optional_bool, _key("fused"), TypeError)
+RESTART_THRESHOLD = Rule(
+    "restart_threshold",
+    "restart_threshold",
+    "None or 0 < restart_threshold <= 1",
+    lambda v, g: v is None or (is_real(v) and 0.0 < v <= 1.0),
+    _key("restart_threshold"),
+)
+
+
+def beta_min_rule(beta_max_of: Callable[[Mapping[str, Any]], float]) -> Rule:
+    return Rule(
+        "beta_min",
+        "beta_min",
+        "0 <= beta_min <= beta_max = {beta_max}",
+        lambda v, g: is_real(v) and 0.0 <= v <= beta_max_of(g),
+        _key("beta_min"),
+    )
+
+
+def validate_group(group: Dict[str, Any], rules: Sequence[Rule], beta_max: float) -> None:
+    """Check a param group against ``rules`` in order; the first failure raises, naming value and range."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError(f"Invalid learning rate: a tensor lr must have one element, got shape {tuple(lr.shape)}")
+    for rule in rules:
+        rule.check(group, beta_max)
+        if rule is FUSED and group.get("fused") and group.get("foreach") is not None:
+            raise ValueError(
+                f"fused=True and foreach={group['foreach']!r} exclude each other: fused picks the compiled "
+                "kernels (C on CPU, Triton on CUDA), foreach the multi-tensor (True) or per-tensor (False) path"
+            )
+
+
+def validate_scope(scope, loss_estimate) -> None:
+    """Constructor-level options (one value for the whole optimizer)."""
+    if scope not in SCOPES:
+        raise ValueError(f"Invalid scope: {scope!r} (allowed: {', '.join(map(repr, SCOPES))})")
+    if loss_estimate not in LOSS_ESTIMATES:
+        raise ValueError(
+            f"Invalid loss_estimate: {loss_estimate!r} (allowed: {', '.join(map(repr, LOSS_ESTIMATES))})"
+        )
+    if loss_estimate == "exact" and scope != "model":
+        raise ValueError(
+            f"loss_estimate='exact' needs scope='model', got scope={scope!r}: the loss is one "
+            "number for the whole model, so only a model-wide scope has an exact loss difference"
+        )
+
+
+def scope_rules() -> Tuple[Rule, Rule]:
+    """``scope`` and ``loss_estimate`` as rules, for describing them (``--optim_args``)."""
+    scopes = ", ".join(map(repr, SCOPES))
+    estimates = ", ".join(map(repr, LOSS_ESTIMATES))
+    return (
+        Rule("scope", "scope", scopes, lambda v, g: v in SCOPES, _key("scope")),
+        Rule("loss_estimate", "loss_estimate", estimates, lambda v, g: v in LOSS_ESTIMATES, _key("loss_estimate")),
+    )

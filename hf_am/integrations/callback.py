@@ -1,0 +1,126 @@
+"""The Trainer callback: checks before training, wiring to the sharding backend, ``beta_t`` in the logs.
+
+:func:`callback_class` builds ``AMTrainerCallback`` (``transformers`` is
+imported only then); :func:`hf_am.integrations.trainer.register` adds it to
+every Trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from .deepspeed import prepare_deepspeed_config, uses_deepspeed
+from .optim_args import OPTIMIZER_CLASSES, optim_value, parse_optim_args, trainer_values_from_args
+from .wrappers import connect_optimizer, find_am_optimizer, wrapper_chain
+
+#: Keys added to every training log entry (``Trainer.state.log_history`` and every ``report_to``):
+#:
+#: * ``am_beta``: mean over the optimizer steps of the logging interval of the step's mean ``beta`` over scopes;
+#: * ``am_beta_min`` / ``am_beta_max``: smallest / largest ``beta`` of any scope in any step of the interval;
+#: * ``am_restarts``: total momentum restarts so far (summed over scopes; 0 unless ``restart_threshold`` is set).
+LOG_KEYS: Tuple[str, ...] = ("am_beta", "am_beta_min", "am_beta_max", "am_restarts")
+
+
+class _AMCallbackLogic:
+    """The body of :class:`AMTrainerCallback` (which adds ``transformers.TrainerCallback`` as a base).
+
+    Joins every Trainer (via ``DEFAULT_CALLBACKS``); does nothing unless the optimizer is an AM optimizer.
+
+    * ``on_init_end``: validates ``--optim_args`` and the DeepSpeed config (see
+      :func:`prepare_deepspeed_config`) as soon as the Trainer exists.
+    * ``on_train_begin``: finds the AM optimizer inside the wrappers; when
+      ``--optim am_*`` was requested and the optimizer in use is something else,
+      raises instead of training silently with it.  Then :func:`connect_optimizer`
+      (DeepSpeed: ``attach_to_deepspeed``; FSDP1: the sharding group).
+    * ``on_optimizer_step``: accumulates ``optimizer.beta_summary_tensor()`` on the
+      device (no host sync).
+    * ``on_log``: for training logs (those with ``"loss"``), reads the accumulators
+      once and adds :data:`LOG_KEYS` to the log entry before the ``report_to``
+      callbacks see it.
+    """
+
+    def __init__(self):
+        self._am = None
+        self._reset()
+
+    def _reset(self):
+        self._count = 0
+        self._sum = self._min = self._max = self._restarts = None
+
+    def on_init_end(self, args, state, control, **kwargs):
+        if optim_value(args.optim) in OPTIMIZER_CLASSES:
+            parse_optim_args(args.optim, args.optim_args, trainer_values_from_args(args))
+            if uses_deepspeed(args):
+                prepare_deepspeed_config(args)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._reset()
+        self._am = find_am_optimizer(optimizer)
+        requested = optim_value(args.optim)
+        if self._am is None:
+            if requested in OPTIMIZER_CLASSES:
+                inner = wrapper_chain(optimizer)
+                raise RuntimeError(
+                    f"--optim {requested} was requested, but the Trainer is training with "
+                    f"{type(inner[-1]).__name__ if inner else None} (wrappers: "
+                    f"{[type(o).__name__ for o in inner]}). A DeepSpeed config \"optimizer\" section or an "
+                    "optimizer passed to Trainer(optimizers=...) overrides --optim."
+                )
+            return
+        connect_optimizer(model, optimizer)
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self._am is None:
+            return
+        try:
+            if optimizer is not None and bool(getattr(optimizer, "step_was_skipped", False)):
+                return  # fp16 overflow: the AM step did not run
+        except Exception:  # a wrapper whose flag is not ready: count the step
+            pass
+        summary = self._am.beta_summary_tensor().detach()
+        if self._count == 0:
+            self._sum = summary[0].clone()
+            self._min = summary[1].clone()
+            self._max = summary[2].clone()
+        else:
+            self._sum.add_(summary[0])
+            torch.minimum(self._min, summary[1], out=self._min)
+            torch.maximum(self._max, summary[2], out=self._max)
+        self._restarts = summary[3].clone()
+        self._count += 1
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._am is None or logs is None or "loss" not in logs or self._count == 0:
+            return
+        self._am.check_layout()  # logging synchronises anyway: surface a rank disagreement here
+        mean, lo, hi, restarts = torch.stack([self._sum / self._count, self._min, self._max, self._restarts]).tolist()
+        stats = {"am_beta": mean, "am_beta_min": lo, "am_beta_max": hi, "am_restarts": int(round(restarts))}
+        logs.update(stats)
+        history = getattr(state, "log_history", None)
+        if history and history[-1].get("step") == state.global_step and history[-1].get("loss") == logs["loss"]:
+            history[-1].update(stats)
+        self._reset()
+
+
+_CALLBACK_CLASS = None
+
+
+def callback_class():
+    global _CALLBACK_CLASS
+    if _CALLBACK_CLASS is None:
+        from transformers import TrainerCallback
+
+        _CALLBACK_CLASS = type(
+            "AMTrainerCallback",
+            (_AMCallbackLogic, TrainerCallback),
+            {"__module__": __name__, "__doc__": _AMCallbackLogic.__doc__.replace("The body of", "See", 1)},
+        )
+    return _CALLBACK_CLASS
+
+
+def __getattr__(name):  # module attribute ``AMTrainerCallback`` is built on first use
+    if name == "AMTrainerCallback":
+        return callback_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

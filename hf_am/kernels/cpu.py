@@ -1,0 +1,106 @@
+"""The C kernel set (:class:`hf_am.kernels.interface.KernelSet`): ctypes calls into the library
+:mod:`hf_am.kernels.cpu_build` builds.
+
+They cover contiguous float32/float64 CPU tensors, the case where torch's
+per-op dispatch makes the multi-tensor path slow (CPU training, DeepSpeed
+ZeRO-Offload).  Each phase is one pass over each tensor, split over threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import List, Optional, Sequence
+
+import torch
+
+from .cpu_build import build_error, library
+from .interface import TensorLists, tensor_problem
+
+NAME = "cpu"  # the C kernels
+DTYPES = (torch.float32, torch.float64)
+
+
+def decline(lists: TensorLists) -> Optional[str]:
+    """Why the C kernels cannot step these parallel tensor lists, or ``None`` when they can."""
+    reason = tensor_problem(lists, DTYPES, "cpu")
+    if reason is None and library() is None:
+        reason = f"the CPU kernels are unavailable ({build_error()})"
+    return reason
+
+
+class _Call:
+    """ctypes arguments for parallel tensor lists, kept alive for the duration of a call."""
+
+    def __init__(self, first: Sequence[torch.Tensor]):
+        self.n = len(first)
+        self.bits = 64 if first[0].dtype == torch.float64 else 32
+        self.numel = (ctypes.c_int64 * self.n)(*[t.numel() for t in first])
+        self.keep: List[object] = []
+
+    def pointers(self, tensors: Sequence[torch.Tensor]):
+        arr = (ctypes.c_void_p * self.n)(*[t.data_ptr() for t in tensors])
+        self.keep.append(arr)
+        return arr
+
+    def doubles(self, values: Optional[torch.Tensor]):
+        """Per-tensor scalars as a contiguous float64 CPU tensor's address (None: NULL)."""
+        if values is None:
+            return None
+        values = values.detach().to(device="cpu", dtype=torch.float64).reshape(-1).contiguous()
+        if values.numel() != self.n:
+            values = values.expand(self.n).contiguous()
+        self.keep.append(values)
+        return values.data_ptr()
+
+
+def _check(status: int, name: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"hf_am CPU kernel {name} failed (status {status}: could not start threads)")
+
+
+def adamw_sums(grads, exp_avgs, exp_avg_sqs, beta2: float, eps_scaled, d_scale) -> torch.Tensor:
+    """Per tensor ``[<d,d>, <g,d>, <g-d,g-d>]`` in the metric 1/D' of this step's second moment
+    ``v' = beta2*v + (1-beta2)*g^2`` (float64).  Reads only: :func:`adamw_update` stores ``v'``."""
+    call = _Call(grads)
+    out = torch.zeros(call.n, 3, dtype=torch.float64)
+    status = library().am_adamw_sums(
+        call.bits, torch.get_num_threads(), call.n, call.numel,
+        call.pointers(grads), call.pointers(exp_avgs), call.pointers(exp_avg_sqs),
+        float(beta2), call.doubles(eps_scaled), call.doubles(d_scale), out.data_ptr(),
+    )  # fmt: skip
+    _check(status, "am_adamw_sums")
+    return out
+
+
+def adamw_update(params, grads, exp_avgs, exp_avg_sqs, beta2: float, eps_scaled, keep, weight, decay, step) -> None:
+    """``v = v'; m = keep*m; m += weight*(g - m); p = decay*p + step*m/(sqrt(v') + eps')`` per tensor, in place."""
+    call = _Call(params)
+    status = library().am_adamw_update(
+        call.bits, torch.get_num_threads(), call.n, call.numel,
+        call.pointers(params), call.pointers(grads), call.pointers(exp_avgs), call.pointers(exp_avg_sqs),
+        float(beta2), call.doubles(eps_scaled), call.doubles(keep), call.doubles(weight), call.doubles(decay), call.doubles(step),
+    )  # fmt: skip
+    _check(status, "am_adamw_update")
+
+
+def sgd_sums(grads, params, buffers, weight_decay: float) -> torch.Tensor:
+    """Per tensor ``[<d,d>, <g',d>, <g'-d,g'-d>]`` with ``g' = g + wd*x`` (float64)."""
+    call = _Call(grads)
+    out = torch.zeros(call.n, 3, dtype=torch.float64)
+    status = library().am_sgd_sums(
+        call.bits, torch.get_num_threads(), call.n, call.numel,
+        call.pointers(grads), call.pointers(params), call.pointers(buffers), float(weight_decay), out.data_ptr(),
+    )  # fmt: skip
+    _check(status, "am_sgd_sums")
+    return out
+
+
+def sgd_update(params, grads, buffers, weight_decay: float, weight, step) -> None:
+    """``d += weight*(g' - d); x += step*d`` per tensor, in place (``g' = g + wd*x``)."""
+    call = _Call(params)
+    status = library().am_sgd_update(
+        call.bits, torch.get_num_threads(), call.n, call.numel,
+        call.pointers(params), call.pointers(grads), call.pointers(buffers), float(weight_decay),
+        call.doubles(weight), call.doubles(step),
+    )  # fmt: skip
+    _check(status, "am_sgd_update")

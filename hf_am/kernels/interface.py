@@ -1,0 +1,79 @@
+"""What a compiled kernel set provides, and how it declines tensors it cannot step.
+
+A *kernel set* runs the two phases of a step (docs/algorithm.md §10) over all
+tensors of one param group at once.  Two sets exist, each a module that
+satisfies :class:`KernelSet`:
+
+* :mod:`hf_am.kernels.cpu` -- plain C (``hf_am/csrc/am_cpu_kernels.c``), built
+  and cached by :mod:`hf_am.kernels.cpu_build`; contiguous float32/float64 CPU tensors.
+* :mod:`hf_am.kernels.triton` -- Triton; contiguous float32/bfloat16/float16 CUDA tensors.
+
+When every set declines a tensor list, the optimizers run the portable paths:
+the multi-tensor path (:mod:`hf_am.multi_tensor`, which cuts CPU work into
+cache-sized tiles with :mod:`hf_am.kernels.tiling`) or the per-tensor reference
+(:mod:`hf_am.reference`).  :func:`hf_am.kernels.select_kernels` is the one place
+that asks the sets.
+
+Kernels never import the optimizer layer: they see tensor lists and scalars only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol, Sequence, runtime_checkable
+
+import torch
+
+TensorLists = Sequence[Sequence[torch.Tensor]]
+
+
+@runtime_checkable
+class KernelSet(Protocol):
+    """The contract of a compiled kernel set (both phases of both optimizers).
+
+    Tensor arguments are parallel lists (one entry per parameter tensor of a
+    group, equal shapes across lists).  Per-tensor scalars are 1-D tensors with
+    one entry per tensor (or a number broadcast to all); ``keep=None`` means 1.
+    Sums are returned as an ``(n_tensors, 3)`` tensor ``[<d,d>, <g,d>, <g-d,g-d>]``
+    in the optimizer's metric (docs/algorithm.md §2, §6).  Phase 1 (``*_sums``)
+    only reads; phase 2 (``*_update``) writes parameters and state in place.
+    """
+
+    NAME: str
+
+    def decline(self, lists: TensorLists) -> Optional[str]:
+        """``None`` when the set can step these tensor lists, else why not (shown to users)."""
+
+    def adamw_sums(self, grads, exp_avgs, exp_avg_sqs, beta2: float, eps_scaled, d_scale) -> torch.Tensor:
+        """Sums in the metric ``1/D'`` of this step's second moment ``v' = beta2 v + (1 - beta2) g^2``."""
+
+    def adamw_update(self, params, grads, exp_avgs, exp_avg_sqs, beta2: float, eps_scaled, keep, weight, decay, step) -> None:
+        """``v = v'; m = keep m; m += weight (g - m); p = decay p + step m / (sqrt(v') + eps')``."""
+
+    def sgd_sums(self, grads, params, buffers, weight_decay: float) -> torch.Tensor:
+        """Sums with the coupled-decay gradient ``g' = g + wd x``."""
+
+    def sgd_update(self, params, grads, buffers, weight_decay: float, weight, step) -> None:
+        """``d += weight (g' - d); x += step d``."""
+
+
+def tensor_problem(lists: TensorLists, dtypes: tuple, device_type: str) -> Optional[str]:
+    """What keeps a kernel set off these parallel tensor lists, or ``None``.
+
+    Compiled kernels need one dtype out of ``dtypes``, one device of
+    ``device_type`` and contiguous tensors; each set's :meth:`KernelSet.decline`
+    starts with this check.
+    """
+    tensors = [t for lst in lists for t in lst]
+    if not tensors:
+        return "no tensors"
+    dtype, device = tensors[0].dtype, tensors[0].device
+    if dtype not in dtypes:
+        return f"dtype {dtype} (the kernels take {', '.join(str(d).replace('torch.', '') for d in dtypes)})"
+    for t in tensors:
+        if t.device != device or t.device.type != device_type:
+            return f"a tensor on {t.device} (the kernels run on one {device_type} device)"
+        if t.dtype != dtype:
+            return f"mixed dtypes {dtype} and {t.dtype}"
+        if not t.is_contiguous():
+            return "a non-contiguous tensor"
+    return None

@@ -1,0 +1,184 @@
+"""Planning a step: which tensors step, in which scope, on which path; built before anything is mutated.
+
+:func:`plan_step` turns the param groups into one :class:`GroupPlan` per group
+with gradients and the call's :class:`Layout` (which depends on the param groups
+only, so every rank runs the same collectives, docs/algorithm.md §8).
+:func:`choose_path` is the one place that picks an implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import kernels as kernel_sets
+from .hyperparameters import Hyperparameters
+from .sharding import local_view, reduction_groups
+from .state import INIT_TENSORS, is_low_precision
+
+
+class Path(str, Enum):
+    """The implementations of a step (docs/algorithm.md §10), tested against each other."""
+
+    REFERENCE = "reference"  #: per tensor, in the accumulation dtype (hf_am.reference): the oracle
+    MULTI_TENSOR = "foreach"  #: torch._foreach_* ops, CPU tiles (hf_am.multi_tensor)
+    FUSED = "fused"  #: a compiled kernel set (hf_am.kernels)
+
+
+@dataclass
+class GroupPlan:
+    """What one step does with one param group."""
+
+    group: Dict[str, Any]
+    params: List[torch.Tensor]  # the optimizer's parameters (maybe DTensors)
+    local_params: List[torch.Tensor]
+    local_grads: List[torch.Tensor]  # an empty shard without a gradient gets an empty zero tensor
+    scope_ids: List[int] = field(default_factory=list)
+    keys: List[Hashable] = field(default_factory=list)  # reduction key per tensor (hf_am.sharding)
+    positions: List[int] = field(default_factory=list)  # each param's index among the call's params
+    path: Path = Path.MULTI_TENSOR
+    kernels: Any = None  # for Path.FUSED: the kernel set (a hf_am.kernels.KernelSet)
+    scratch: Any = None  # what phase 1 leaves for phase 2 (e.g. AdamW's denominators)
+
+
+@dataclass
+class Layout:
+    """What a step() call looks like from the param groups alone, whatever holds a gradient.
+
+    The scopes and the collectives follow from it, so every rank runs the same
+    collectives of the same size even when ranks disagree on which parameters
+    have gradients; that disagreement is caught inside the one collective.
+    """
+
+    n_scopes: int
+    hyper_of_scope: List[Hyperparameters]
+    groups_for_key: Dict[Hashable, Sequence]  # every reduction key of the call's params
+    signature: tuple
+    acc: torch.dtype  # of the sums: float64 when any parameter is float64
+    device: Optional[torch.device]
+
+
+def plan_step(optimizer) -> Tuple[List[GroupPlan], Layout]:
+    """Validate everything a step will touch and lay out its scopes; mutate nothing."""
+    scope, sharded_opt = optimizer.scope, optimizer.process_group is not None
+    call_groups = list(optimizer.param_groups)
+    _check_groups_whole(optimizer, call_groups, sharded_opt)
+    plans: List[GroupPlan] = []
+    offset = 0
+    hyper_of_scope: List[Hyperparameters] = []
+    all_keys: Dict[Hashable, Sequence] = {}
+    acc, device = torch.float32, None
+    for group_index, group in enumerate(call_groups):
+        hyper = optimizer.hyperparameters_of(group)
+        if scope == "tensor":
+            hyper_of_scope.extend([hyper] * len(group["params"]))
+        elif scope == "group" or group_index == 0:
+            hyper_of_scope.append(hyper)
+        params, local_params, local_grads, positions, keys = [], [], [], [], []
+        for pos, p in enumerate(group["params"]):
+            key, pgroups = reduction_groups(p, optimizer.process_group)
+            if key is not None:
+                all_keys.setdefault(key, pgroups)
+            local_p = local_view(p)
+            device = device or local_p.device
+            if local_p.dtype == torch.float64:
+                acc = torch.float64
+            grad_view = _local_gradient(optimizer, p, local_p, sharded_opt)
+            if grad_view is None:
+                continue
+            params.append(p)
+            local_params.append(local_p)
+            local_grads.append(grad_view)
+            positions.append(offset + pos)
+            keys.append(key)
+        if params:
+            plan = GroupPlan(group=group, params=params, local_params=local_params, local_grads=local_grads)
+            plan.path, plan.kernels = choose_path(group, group_index, [local_params, local_grads])
+            plan.positions, plan.keys = positions, keys
+            if scope == "model":
+                plan.scope_ids = [0] * len(params)
+            elif scope == "group":
+                plan.scope_ids = [group_index] * len(params)
+            else:
+                plan.scope_ids = list(positions)
+            plans.append(plan)
+        offset += len(group["params"])
+    _check_model_scope_agrees(optimizer, plans)
+    signature = (scope, tuple(len(g["params"]) for g in call_groups), tuple(all_keys), optimizer._load_count)
+    return plans, Layout(len(hyper_of_scope), hyper_of_scope, all_keys, signature, acc, device)
+
+
+def _local_gradient(optimizer, p, local_p, sharded_opt) -> Optional[torch.Tensor]:
+    """This rank's gradient of ``p``, a zero tensor for an empty shard without one, or ``None`` (skip)."""
+    grad = p.grad
+    if grad is None:
+        # An empty shard still takes part in the collective (with zeros).
+        if not ((sharded_opt or local_p is not p) and local_p.numel() == 0):
+            return None
+        return torch.zeros_like(local_p)
+    if grad.is_sparse:
+        raise RuntimeError(f"{type(optimizer).__name__} does not support sparse gradients")
+    if grad.is_complex() or p.is_complex():
+        raise TypeError(f"{type(optimizer).__name__} supports real tensors only, got a {grad.dtype} gradient")
+    return local_view(grad)
+
+
+def _check_groups_whole(optimizer, call_groups, sharded_opt) -> None:
+    """Under a flat partition (``process_group``), refuse scopes a wrapper split across step() calls."""
+    if not sharded_opt:
+        return
+    if optimizer.scope == "model":
+        missing = optimizer._init_num_groups - sum(1 for g in call_groups if g["params"] or not g[INIT_TENSORS])
+        if missing > 0:
+            raise ValueError(
+                "scope='model' spans all parameter groups, but this step() call sees "
+                f"{len(call_groups) - missing} of {optimizer._init_num_groups}: the caller (DeepSpeed ZeRO) steps "
+                "parameter groups separately. Put every parameter in one group, or use scope='group'/'tensor'"
+            )
+    if optimizer.scope == "tensor":
+        for group_index, group in enumerate(call_groups):
+            if group["params"] and len(group["params"]) < group[INIT_TENSORS]:
+                raise ValueError(
+                    f"scope='tensor' needs one parameter group per tensor under a flat partition: param group "
+                    f"{group_index} had {group[INIT_TENSORS]} tensors and now holds {len(group['params'])} "
+                    "(DeepSpeed ZeRO flattened them). Build the optimizer with hf_am.param_groups_per_tensor(...)"
+                )
+
+
+def _check_model_scope_agrees(optimizer, plans: List[GroupPlan]) -> None:
+    if optimizer.scope != "model" or len(plans) <= 1:
+        return
+    first = optimizer.hyperparameters_of(plans[0].group)
+    for plan in plans[1:]:
+        other = optimizer.hyperparameters_of(plan.group)
+        if other != first:
+            raise ValueError(
+                "scope='model' computes one beta for all parameter groups, so their lam, beta_min, "
+                f"beta_max and restart_threshold must agree; got {tuple(first)} and {tuple(other)}"
+            )
+
+
+def choose_path(group, group_index: int, lists) -> Tuple[Path, Any]:
+    """``(path, kernels)``: which implementation steps this group, decided before anything is mutated.
+
+    ``fused=None`` (default) takes a compiled kernel set where one accepts the
+    tensors (:func:`hf_am.kernels.select_kernels`): plain C for contiguous
+    float32/float64 CPU tensors (when a C compiler is there), Triton for
+    contiguous float32/bfloat16/float16 CUDA tensors (when Triton is there);
+    otherwise the multi-tensor path, or the per-tensor reference path for
+    ``foreach=False`` and low-precision tensors without kernels.
+    ``fused=True`` insists on the kernels.
+    """
+    fused, foreach = group.get("fused"), group.get("foreach")
+    if fused is not False and foreach is None:
+        kernels, reason = kernel_sets.select_kernels(lists)
+        if kernels is not None:
+            return Path.FUSED, kernels
+        if fused:
+            raise RuntimeError(f"fused=True cannot step param group {group_index}: {reason}. Use fused=None to fall back")
+    if foreach is False or is_low_precision([*lists[0], *lists[1]]):
+        return Path.REFERENCE, None
+    return Path.MULTI_TENSOR, None

@@ -1,0 +1,86 @@
+"""What a step leaves for users to read: the reported coefficient per scope, restart counts (docs/algorithm.md §9).
+
+:func:`record_step` stores each scope's reported coefficient and restart count
+in its members' state; :class:`BetaStatistics` (a base of
+:class:`hf_am.AMOptimizer`) reads them back.  Readers returning tensors never
+synchronise with the device; those returning Python numbers do.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Hashable, List
+
+import torch
+
+from .planning import GroupPlan
+from .state import BETA, PREV_LOSS, RESTARTS
+
+
+def record_step(optimizer, plan: GroupPlan, reported: torch.Tensor, restart: torch.Tensor, loss) -> None:
+    """Store the scope's reported coefficient, restart count and (exact mode) the loss in every member's state."""
+    states = [optimizer.state[p] for p in plan.params]
+    reps: Dict[Hashable, Dict[str, Any]] = optimizer._scope_reps
+    for i, (state, pos) in enumerate(zip(states, plan.positions)):
+        if optimizer.scope == "tensor":
+            reps[(id(plan.group), pos)] = state
+        elif i == 0:
+            reps["model" if optimizer.scope == "model" else id(plan.group)] = state
+    torch._foreach_copy_([s[BETA] for s in states], list(reported.unbind(0)))
+    torch._foreach_add_([s[RESTARTS] for s in states], list(restart.unbind(0)))
+    if optimizer.loss_estimate == "exact":
+        value = torch.as_tensor(loss).detach()
+        for s in states:
+            s[PREV_LOSS] = value.to(device=s[BETA].device, dtype=s[BETA].dtype).clone()
+
+
+class BetaStatistics:
+    """Readers of the latest step's coefficient, shared by both optimizers."""
+
+    def _scope_states(self) -> List[Dict[str, Any]]:
+        """State of one representative parameter per scope, as of each scope's latest step.
+
+        Kept by :func:`record_step` rather than read from ``param_groups``,
+        because DeepSpeed ZeRO swaps the groups around ``step()`` calls.
+        """
+        if self._scope_reps:
+            return list(self._scope_reps.values())
+        reps: List[Dict[str, Any]] = []  # after load_state_dict, before the next step
+        for group in self.param_groups:
+            members = [self.state[p] for p in group["params"] if BETA in self.state.get(p, {})]
+            if members:
+                reps.extend(members if self.scope == "tensor" else members[:1])
+        return reps[:1] if self.scope == "model" else reps
+
+    def beta_summary_tensor(self) -> torch.Tensor:
+        """``[mean, min, max, restarts]`` of the latest step over scopes, on the device, without a host sync.
+
+        ``restarts`` is the total number of momentum restarts so far, summed over
+        scopes.  Accumulate this tensor between logging steps and read it once.
+        """
+        reps = self._scope_states()
+        if not reps:
+            return torch.full((4,), math.nan)
+        betas = torch.stack([s[BETA].float() for s in reps])
+        restarts = torch.stack([s[RESTARTS].float() for s in reps]).sum()
+        return torch.stack([betas.mean(), betas.min(), betas.max(), restarts])
+
+    def beta_stats(self) -> Dict[str, float]:
+        """The latest step's ``beta`` over scopes as Python numbers (synchronises).
+
+        Keys: ``beta`` (mean over scopes), ``beta_min``, ``beta_max``, ``restarts``
+        (total momentum restarts so far, summed over scopes).
+        """
+        self.check_layout()
+        mean, lo, hi, restarts = self.beta_summary_tensor().tolist()
+        return {"beta": mean, "beta_min": lo, "beta_max": hi, "restarts": restarts}
+
+    @property
+    def beta(self) -> float:
+        """The latest step's ``beta`` (mean over scopes for ``scope='tensor'``/``'group'``); synchronises."""
+        return self.beta_stats()["beta"]
+
+    def betas_per_scope(self) -> torch.Tensor:
+        """1-D tensor of the latest step's ``beta`` of every scope (no host sync)."""
+        reps = self._scope_states()
+        return torch.stack([s[BETA] for s in reps]) if reps else torch.empty(0)
