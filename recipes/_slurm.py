@@ -25,7 +25,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -364,8 +363,11 @@ def run_study(args, runs: list[dict], out_dir: Path, recipe_command, root: Path,
     for r in failed:
         print(f"[scale_study]   failed earlier: {r['name']} (see {run_dirs[r['name']] / FAILED_FILE})", flush=True)
 
-    if todo and check_optims is not None:
-        check_optims(sorted({r["optim"] for r in todo}))
+    # a typo in --optims should not cost a queue wait per job: check the names on this machine
+    # first (except those that already finished a run of this study)
+    unchecked = sorted({r["optim"] for r in todo} - {r["optim"] for r in done})
+    if unchecked and check_optims is not None:
+        check_optims(unchecked)
     watch: dict[str, str] = {}  # job id -> run name
     for r in attach:
         watch[jobs[r["name"]]["job_id"]] = r["name"]
@@ -489,18 +491,31 @@ def wait(args, watch: dict[str, str], run_dirs: dict[str, Path]) -> tuple[list[s
     return done, failed
 
 
-def check_optims_parallel(optim_available, optims: list[str]) -> None:
-    """``optim_available`` (name -> None or why not) for every name at once, warnings printed."""
-    results: dict[str, str | None] = {}
-    threads = [threading.Thread(target=lambda o=o: results.__setitem__(o, optim_available(o))) for o in optims]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for optim in optims:
-        if results.get(optim):
-            print(f"[scale_study] WARNING: --optim {optim} is not available ({results[optim]}); its runs will fail",
-                  flush=True)
+def check_optims(optims: list[str], repo_root: Path) -> None:
+    """Warn about ``--optim`` names that TrainingArguments rejects after ``import hf_am`` (one
+    subprocess for all of them: a typo is caught here, not in every job of the grid)."""
+    code = (
+        "import json, sys, tempfile; sys.path.append(%r)\n"
+        "try:\n    import hf_am\nexcept Exception as e:\n    print('import hf_am failed:', e, file=sys.stderr)\n"
+        "from transformers import TrainingArguments\n"
+        "bad = {}\n"
+        "for name in %r:\n"
+        "    try:\n"
+        "        TrainingArguments(output_dir=tempfile.mkdtemp(), optim=name, report_to='none')\n"
+        "    except Exception as e:\n"
+        "        why = (str(e).strip().splitlines() or [type(e).__name__])[-1]\n"
+        "        bad[name] = why if len(why) < 160 else why[:160] + ' ...'\n"
+        "print(json.dumps(bad))\n"
+    ) % (str(repo_root), list(optims))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    try:
+        bad = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        why = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+        print(f"[scale_study] WARNING: could not check the --optim names ({why})", flush=True)
+        return
+    for optim, why in bad.items():
+        print(f"[scale_study] WARNING: --optim {optim} is not available ({why}); its runs will fail", flush=True)
 
 
 def _main(argv: list[str]) -> int:

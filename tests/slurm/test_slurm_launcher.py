@@ -70,6 +70,7 @@ def test_cluster_runs_a_job(slurm_cluster):
 
 def test_grid_on_slurm_resume_retry_and_same_report_as_local(slurm_cluster, tmp_path):
     cluster = slurm_cluster
+    t0 = time.time()
     out = tmp_path / "slurm_study"
     fail_dir = tmp_path / "fail_hook"
     fail_dir.mkdir()
@@ -82,6 +83,12 @@ def test_grid_on_slurm_resume_retry_and_same_report_as_local(slurm_cluster, tmp_
              "--slurm-cpus-per-task", "1", "--slurm-time", "00:10:00", "--slurm-poll-interval", "0.5",
              "--no_progress"]
     before = cluster.job_ids()
+    # the local launcher on the same grid, for step 5, runs meanwhile (the runs are single-threaded
+    # both ways, so the two studies only share the two cores)
+    local = tmp_path / "local_study"
+    local_proc = subprocess.Popen([sys.executable, str(STUDY), *GRID, "--output_dir", str(local), "--jobs", "2",
+                                   "--no_progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env=env, cwd=ROOT)
 
     # 1. four jobs, one of which fails (its recipe process exits 3)
     log = _study(slurm + ["--no_plots"], failing_env, expect_rc=1)
@@ -110,7 +117,7 @@ def test_grid_on_slurm_resume_retry_and_same_report_as_local(slurm_cluster, tmp_
     assert {r["run"]: r["status"] for r in _rows(out / "results.csv")}[FAILING] == "failed"
 
     # 3. --retry-failed: exactly the failed point is resubmitted, and now finishes
-    log = _study(slurm + ["--retry-failed"], env)
+    log = _study(slurm + ["--retry-failed", "--no_plots"], env)
     new = cluster.job_states()
     added = {j: s for j, s in new.items() if j not in ids}
     assert list(added.values()) == [(f"scale-{FAILING}", "COMPLETED")], added
@@ -128,8 +135,9 @@ def test_grid_on_slurm_resume_retry_and_same_report_as_local(slurm_cluster, tmp_
     assert len(_rows(out / "results.csv")) == 4
 
     # 5. the local launcher on the same grid writes the same CSV columns, rows, table and plots
-    local = tmp_path / "local_study"
-    _study([*GRID, "--output_dir", str(local), "--jobs", "2", "--no_progress"], env)
+    local_log, _ = local_proc.communicate(timeout=300)
+    assert local_proc.returncode == 0, local_log[-5000:]
+    assert "4 to run" in local_log
     local_rows = _rows(local / "results.csv")
     slurm_rows = _rows(out / "results.csv")
     assert list(local_rows[0]) == list(slurm_rows[0])
@@ -141,6 +149,7 @@ def test_grid_on_slurm_resume_retry_and_same_report_as_local(slurm_cluster, tmp_
         assert math.isfinite(float(sr["final_eval_loss"]))
     assert _md_shape((out / "results.md").read_text()) == _md_shape((local / "results.md").read_text())
     assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(p.name for p in (local / "plots").iterdir())
+    print(f"[test] whole SLURM study test: {time.time() - t0:.1f}s")
 
 
 def test_dry_run_writes_job_scripts_with_per_size_resources(tmp_path):
