@@ -192,8 +192,14 @@ def choose_dataset_all_ranks(name: str, *, local_fallback_ok: bool, reachable=No
     except DataSourceError as exc:
         outcome = "error: " + str(exc)
     agreed = agree_across_ranks(outcome)
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if agreed.startswith("error: "):
-        raise DataSourceError(agreed[len("error: "):])
+        suffix = f" (the same on all {world} ranks)" if world > 1 else ""
+        raise DataSourceError(agreed[len("error: "):] + suffix)
+    if world > 1:
+        logger.info("data source %s: the same on all %d ranks", agreed, world)
     return agreed
 
 

@@ -140,3 +140,17 @@ def test_a_refusal_on_one_rank_stops_every_rank(tmp_path):
     assert all("error" in r and "--dataset local" in r["error"] for r in results), results
     mixed = _ranks(tmp_path, [True, False], False)  # rank 1 refuses, rank 0 would use C4
     assert all("error" in r for r in mixed), mixed
+
+
+@pytest.mark.multiprocess
+def test_torchrun_literature_size_offline_stops_every_rank(tmp_path):
+    # the real launch path: torchrun, two gloo ranks, HF_HUB_OFFLINE=1; the ranks compare their
+    # decisions through torch.distributed and all stop, none hangs
+    out = tmp_path / "ddp-60m"
+    proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", str(RECIPE), "--model_size", "60m",
+                           "--optim", "adamw_torch", "--output_dir", str(out)],
+                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("pass `--dataset local`") >= 2, proc.stderr[-4000:]
+    assert "the same on all 2 ranks" in proc.stderr
+    assert not (out / "run_summary.json").exists()
