@@ -86,9 +86,19 @@ def _clean(obj):
     return obj
 
 
-def to_float(value) -> float:
-    """Inverse of the NaN/inf encoding of :func:`write_json`."""
-    return float(value)
+def _restore(obj):
+    if isinstance(obj, str) and obj in ("nan", "inf", "-inf"):
+        return float(obj)
+    if isinstance(obj, dict):
+        return {k: _restore(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_restore(v) for v in obj]
+    return obj
+
+
+def read_json(path: Path):
+    """Read a file of :func:`write_json`, with the NaN/inf strings turned back into floats."""
+    return _restore(json.loads(Path(path).read_text()))
 
 
 def write_json(path: Path, obj) -> None:

@@ -64,6 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--pinned-momentum", type=float, default=0.9, help="coefficient of the pinned-AM check (default 0.9)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default 0)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--plot-only", action="store_true", help="redraw the PNGs from --out/results.json without running")
     args = p.parse_args(argv)
     args.iters = args.iters or (200 if args.quick else 2000)
     args.momenta = args.momenta if args.momenta is not None else ([0.0, 0.9, 0.99] if args.quick else [0.0, 0.5, 0.9, 0.99, 0.999])
@@ -141,6 +142,10 @@ def main(argv=None):
     args = parse_args(argv)
     C.set_threads(args.threads)
     out = C.prepare_out(args.out, NAME)
+    if args.plot_only:
+        results = C.read_json(out / "results.json")
+        plot(results, out)
+        return results
     timer = C.run_timer()
     results = {"experiment": NAME, "args": vars(args), "env": C.environment(), "datasets": []}
     for name in args.datasets:

@@ -62,6 +62,7 @@ def parse_args(argv=None):
                    help="lr grid of AdamW / AM-AdamW (default 1e-4 3e-4 1e-3 3e-3 1e-2 3e-2 1e-1; quick 1e-3 1e-2)")
     p.add_argument("--lam", type=float, default=0.1, help="AM lambda (default 0.1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--plot-only", action="store_true", help="redraw the PNGs from --out/results.json without running")
     args = p.parse_args(argv)
     args.epochs = args.epochs or (3 if args.quick else 30)
     args.seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
@@ -145,6 +146,10 @@ def main(argv=None):
     args = parse_args(argv)
     C.set_threads(args.threads)
     out = C.prepare_out(args.out, NAME)
+    if args.plot_only:
+        results = C.read_json(out / "results.json")
+        plot(results, out)
+        return results
     timer = C.run_timer()
     data = load_digits()
     results = {"experiment": NAME, "args": vars(args), "env": C.environment(),

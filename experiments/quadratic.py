@@ -62,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--pinned-momentum", type=float, default=0.9, help="coefficient of the pinned-AM check (default 0.9)")
     p.add_argument("--seed", type=int, default=0, help="seed of x0 (default 0)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--plot-only", action="store_true", help="redraw the PNGs from --out/results.json without running")
     args = p.parse_args(argv)
     args.dim = args.dim or (50 if args.quick else 200)
     args.iters = args.iters or (300 if args.quick else 3000)
@@ -97,6 +98,10 @@ def main(argv=None):
     args = parse_args(argv)
     C.set_threads(args.threads)
     out = C.prepare_out(args.out, NAME)
+    if args.plot_only:
+        results = C.read_json(out / "results.json")
+        plot(results, out)
+        return results
     L = 1.0
     results = {"experiment": NAME, "args": vars(args), "env": C.environment(), "problems": []}
     md = [f"# Quadratic (paper Figure 1)\n",
@@ -193,7 +198,8 @@ def plot(results, out: Path):
             ax.legend(fontsize=7, ncol=2)
             axb.set_xlabel("iteration")
             axb.set_ylabel("AM beta_t")
-            axb.set_ylim(-0.02, 1.02)
+            lo = min([min(r["beta"]["v"]) for r in prob["runs"] if r.get("beta")] + [0.8])
+            axb.set_ylim(max(lo, 0.0) - 0.02, 1.005)
             axb.grid(True, alpha=0.3)
             axb.set_title("beta_t of AM-SGD (before the lam mix)", fontsize=9)
         C.save_figure(fig, out / f"gap_kappa{kappa:g}.png")
