@@ -64,6 +64,9 @@ def add_arguments(p) -> None:
                         "node unless --nproc_per_node is given")
     g.add_argument("--slurm-nodes", "--slurm_nodes", dest="slurm_nodes", default="1",
                    help="nodes per job; above 1 the job starts torchrun on every node with srun")
+    g.add_argument("--slurm-srun", "--slurm_srun", dest="slurm_srun", action="store_true",
+                   help="start the processes through srun + torchrun's c10d rendezvous also on one node (the "
+                        "multi-node launch line; default on one node: python, or torchrun --standalone)")
     g.add_argument("--slurm-cpus-per-task", "--slurm_cpus_per_task", dest="slurm_cpus_per_task", default=None,
                    help="CPUs per node of each job (sbatch --cpus-per-task; also sets OMP_NUM_THREADS)")
     g.add_argument("--slurm-time", "--slurm_time", dest="slurm_time", default=None,
@@ -138,9 +141,11 @@ def launch_line(args, res: dict, recipe_cmd: list[str]) -> str:
     """The shell line that starts the recipe inside the job (``recipe_cmd``: recipe path + flags)."""
     py = args.slurm_python or sys.executable
     tail = shlex.join(recipe_cmd)
-    if res["nodes"] > 1:
+    if res["nodes"] > 1 or args.slurm_srun:
         return ('head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
-                f'srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 {shlex.quote(py)} '
+                # since SLURM 22.05 srun does not inherit sbatch's --cpus-per-task: pass it on
+                'srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} '
+                f'--kill-on-bad-exit=1 {shlex.quote(py)} '
                 f'-m torch.distributed.run --nnodes="$SLURM_NNODES" --nproc_per_node={res["nproc"]} '
                 f'--rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$head_node:{args.slurm_rdzv_port}" '
                 f'{tail}')
