@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import random
 import sys
@@ -278,6 +277,7 @@ def run_deterministic(
         "final_gap": gaps[-1] if not diverged else float("inf"),
         "best_gap": min(gaps) if gaps else float("inf"),
         "seconds": time.perf_counter() - t0,
+        "beta_stats": opt.beta_stats() if is_am(cfg) else None,  # beta (mean over scopes), min, max, restarts
     }
     if keep_iterates:
         out["_iterates"] = iterates
@@ -307,18 +307,7 @@ def thin(values: Sequence[float], max_points: int = 200) -> Dict[str, List]:
     return {"t": [int(i) for i in idx], "v": [_round(values[i]) for i in idx]}
 
 
-def optimizer_stats(opt) -> Optional[Dict]:
-    return opt.beta_stats() if hasattr(opt, "beta_stats") else None
-
-
-def check_same_length(*seqs) -> bool:
-    return len({len(s) for s in seqs}) == 1
-
-
 def run_timer() -> Callable[[], float]:
     t0 = time.perf_counter()
     return lambda: time.perf_counter() - t0
 
-
-def env_threads_default() -> int:
-    return int(os.environ.get("HF_AM_EXPERIMENT_THREADS", "1"))

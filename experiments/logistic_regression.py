@@ -183,7 +183,7 @@ def main(argv=None):
                     "min_raw_gap": min(r["gap"]),
                     "beta_mean": float(np.mean(r["beta"])) if r["beta"] else None,
                     "gap": C.thin(r["gap"]), "beta": C.thin(r["beta"]) if r["beta"] else None,
-                    "seconds": r["seconds"],
+                    "seconds": r["seconds"], "beta_stats": r["beta_stats"],
                 })
             entry = {"lr_factor": factor, "lr": lr, "runs": runs}
             if factor == args.lr_factors[0]:

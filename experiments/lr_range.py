@@ -131,6 +131,7 @@ def train(data, cfg, lr, seed, epochs, batch_size, hidden, max_steps=None, dtype
         "final_loss": float("inf") if diverged else train_loss,
         "test_acc": test_acc, "diverged": diverged, "epoch_loss": epoch_loss, "steps": steps,
         "beta_mean": float(np.mean(betas)) if betas else None,
+        "beta_stats": opt.beta_stats() if C.is_am(cfg) else None,  # of the last step
         "params": [p.detach().clone() for p in model.parameters()],
     }
 

@@ -104,7 +104,7 @@ def main(argv=None):
         return results
     L = 1.0
     results = {"experiment": NAME, "args": vars(args), "env": C.environment(), "problems": []}
-    md = [f"# Quadratic (paper Figure 1)\n",
+    md = ["# Quadratic (paper Figure 1)\n",
           f"dim {args.dim}, {args.iters} iterations, lam {args.lam}, float64; gap f(x_t) - f*, f(x_0) - f* given per problem.\n"
           "`iters to 1e-6`: first t with gap <= 1e-6 (f(x_0) - f*); `-` never.\n"]
     timer = C.run_timer()
@@ -157,7 +157,7 @@ def main(argv=None):
                     "n_gap": len(r["gap"]),
                     "beta_mean": float(np.mean(r["beta"])) if r["beta"] else None,
                     "gap": C.thin(r["gap"]), "beta": C.thin(r["beta"]) if r["beta"] else None,
-                    "seconds": r["seconds"],
+                    "seconds": r["seconds"], "beta_stats": r["beta_stats"],
                 })
             results["problems"].append(prob)
             print(f"kappa={kappa:g} lr={lr_text} ({lr:.4g}): " + ", ".join(

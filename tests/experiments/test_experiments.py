@@ -143,8 +143,12 @@ def test_quadratic_gaps_and_betas(quadratic):
                 betas = r["beta"]["v"]
                 assert len(betas) > 0
                 assert all(-1e-7 <= b <= r["config"]["momentum"] + 1e-6 for b in betas), r["label"]
+                stats = r["beta_stats"]  # opt.beta_stats() after the last step
+                assert stats["restarts"] == 0  # no restart_threshold
+                assert -1e-7 <= stats["beta_min"] <= stats["beta"] <= stats["beta_max"] <= r["config"]["momentum"] + 1e-6
+                assert math.isclose(stats["beta"], betas[-1], rel_tol=1e-6, abs_tol=1e-7)
             else:
-                assert r["beta"] is None
+                assert r["beta"] is None and r["beta_stats"] is None
 
 
 def test_quadratic_gradient_descent_is_monotone(quadratic):
