@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_DIR = os.path.join(REPO, "accelerate_configs")
 YAMLS = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
 JSONS = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.json")))
