@@ -292,44 +292,9 @@ def _zero3_padding_spans(zero_opt) -> List[Tuple[torch.Tensor, List[Tuple[int, i
     return out
 
 
-# ------------------------------------------------------------------------ entry
-def attach_to_deepspeed(obj) -> AMOptimizer:
-    """Make the AM optimizer inside a DeepSpeed setup compute exact ``beta`` s; return it.
-
-    ``obj``: a ``DeepSpeedEngine``, its (ZeRO) optimizer, or accelerate's
-    ``AcceleratedOptimizer`` / ``DeepSpeedOptimizerWrapper`` / ``DeepSpeedEngineWrapper``.
-    Call it after ``deepspeed.initialize`` and before the first step; calling it
-    again is harmless.
-
-    * ZeRO stage 1/2/3 (and DeepSpeed's bf16 ZeRO-1 optimizer): sets
-      ``process_group`` to the ZeRO data-parallel group, so every rank's partial
-      sums become whole-scope sums.
-    * No partitioning (stage 0, fp32 or fp16): leaves ``process_group`` alone;
-      replicas must not be reduced.
-    * Raises ``ValueError`` for what cannot be exact: a ``"model"`` scope
-      stepped in several calls (several groups under ZeRO 1/2/3, or ZeRO-3
-      sub-groups), a ``"group"`` scope that ZeRO-3 splits into sub-groups, a
-      ``"tensor"`` scope over groups that DeepSpeed flattens with several
-      tensors, partitions over different process groups (MoE), model
-      parallelism, ZenFlow, or a ``process_group`` the user set to a different group.
-    * ZeRO-3: installs ``step()`` hooks that zero the padding slots of the flat
-      partitions (uninitialised memory) and show the core only the group
-      being stepped (see :class:`_OnlySteppedGroups`).
-
-    DeepSpeed clips gradients by default (``gradient_clipping`` defaults to 1.0
-    in DeepSpeed 0.19; the Trainer fills in ``max_grad_norm``); the clipped
-    gradient is the same on every rank, so the sums stay exact, but the run
-    equals an unclipped one only with ``gradient_clipping: 0``.
-    """
-    am, chain = _find_am(obj)
-    wrapper = chain[-2] if len(chain) >= 2 and getattr(chain[-2], "optimizer", None) is am else None
-    kind = _deepspeed_kind(wrapper)
-    attached: Optional[Dict[str, Any]] = getattr(am, _ATTACHED, None)
-    if attached is not None and (attached["wrapper"] is wrapper or wrapper is None):
-        # Idempotent: the layout cannot change after deepspeed.initialize, and being handed
-        # the bare AM optimizer later (no wrapper in sight) must not undo the attachment.
-        return am
-
+def _partition_group(am: AMOptimizer, wrapper, kind: str):
+    """The process group DeepSpeed partitions the AM state over (``None``: no partitioning), after
+    checking that every scope of ``am`` can be exact under this wrapper's layout."""
     if kind in ("zero12", "zero3", "bf16") and getattr(wrapper, "zenflow", False):
         raise ValueError(
             "attach_to_deepspeed: ZenFlow steps parts of the parameters asynchronously on the CPU, "
@@ -368,6 +333,49 @@ def attach_to_deepspeed(obj) -> AMOptimizer:
                 "from DeepSpeed's ZeRO data-parallel group, over which its state is partitioned; build it "
                 "without process_group"
             )
+    return group
+
+
+# ------------------------------------------------------------------------ entry
+def attach_to_deepspeed(obj) -> AMOptimizer:
+    """Make the AM optimizer inside a DeepSpeed setup compute exact ``beta`` s; return it.
+
+    ``obj``: a ``DeepSpeedEngine``, its (ZeRO) optimizer, or accelerate's
+    ``AcceleratedOptimizer`` / ``DeepSpeedOptimizerWrapper`` / ``DeepSpeedEngineWrapper``.
+    Call it after ``deepspeed.initialize`` and before the first step; calling it
+    again is harmless.
+
+    * ZeRO stage 1/2/3 (and DeepSpeed's bf16 ZeRO-1 optimizer): sets
+      ``process_group`` to the ZeRO data-parallel group, so every rank's partial
+      sums become whole-scope sums.
+    * No partitioning (stage 0, fp32 or fp16): leaves ``process_group`` alone;
+      replicas must not be reduced.
+    * Raises ``ValueError`` for what cannot be exact: a ``"model"`` scope
+      stepped in several calls (several groups under ZeRO 1/2/3, or ZeRO-3
+      sub-groups), a ``"group"`` scope that ZeRO-3 splits into sub-groups, a
+      ``"tensor"`` scope over groups that DeepSpeed flattens with several
+      tensors, partitions over different process groups (MoE), model
+      parallelism, ZenFlow, or a ``process_group`` the user set to a different group.
+    * ZeRO-3: installs ``step()`` hooks that zero the padding slots of the flat
+      partitions (uninitialised memory) and show the core only the group
+      being stepped (see :class:`_OnlySteppedGroups`).
+
+    DeepSpeed clips gradients by default (``gradient_clipping`` defaults to 1.0
+    in DeepSpeed 0.19; the Trainer fills in ``max_grad_norm``); the clipped
+    gradient is the same on every rank, so the sums stay exact, but the run
+    equals an unclipped one only with ``gradient_clipping: 0``.
+    """
+    am, chain = _find_am(obj)
+    wrapper = chain[-2] if len(chain) >= 2 and getattr(chain[-2], "optimizer", None) is am else None
+    kind = _deepspeed_kind(wrapper)
+    attached: Optional[Dict[str, Any]] = getattr(am, _ATTACHED, None)
+    if attached is not None and (attached["wrapper"] is wrapper or wrapper is None):
+        # Idempotent: the layout cannot change after deepspeed.initialize, and being handed
+        # the bare AM optimizer later (no wrapper in sight) must not undo the attachment.
+        return am
+
+    group = _partition_group(am, wrapper, kind)
+    if group is not None:
         am.process_group = group
 
     handles = []
