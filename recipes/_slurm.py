@@ -373,10 +373,12 @@ def run_study(args, runs: list[dict], out_dir: Path, recipe_command, root: Path,
     unchecked = sorted({r["optim"] for r in todo} - {r["optim"] for r in done})
     if unchecked and check_optims is not None:
         check_optims(unchecked)
+    for r in todo:  # a malformed per-size value stops the study before anything is submitted
+        resources(args, r["size"])
     watch: dict[str, str] = {}  # job id -> run name
     for r in attach:
         watch[jobs[r["name"]]["job_id"]] = r["name"]
-    submitted, submit_failed = [], []
+    submitted = []
     for r in todo:
         run_dir = run_dirs[r["name"]]
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -389,10 +391,11 @@ def run_study(args, runs: list[dict], out_dir: Path, recipe_command, root: Path,
         try:
             job_id = submit(script)
         except (SlurmError, subprocess.TimeoutExpired) as e:
-            print(f"[scale_study] sbatch failed for {r['name']}: {e}", flush=True)
-            write_failed(run_dir, None, 0.0, sbatch_error=str(e))
-            submit_failed.append(r["name"])
-            continue
+            # most likely the options (partition, account, limits): the same for the other points,
+            # so stop here; this point stays unsubmitted (not failed) and goes in with the next run
+            before = f"; the {len(watch)} jobs submitted or queued before keep running" if watch else ""
+            raise SlurmError(f"sbatch refused {script}: {e}{before}. Fix the --slurm-* options and rerun "
+                             "the same command: finished and queued points are not submitted again") from None
         (run_dir / JOB_FILE).write_text(json.dumps(
             {"job_id": job_id, "submitted_at": time.time(), "script": str(script),
              "resources": resources(args, r["size"])}, indent=1))
@@ -401,7 +404,7 @@ def run_study(args, runs: list[dict], out_dir: Path, recipe_command, root: Path,
     if submitted:
         print(f"[scale_study] submitted {len(submitted)} jobs: "
               + ", ".join(f"{j} ({n})" for j, n in watch.items() if n in submitted), flush=True)
-    result = {"submitted": submitted, "failed": [r["name"] for r in failed] + submit_failed,
+    result = {"submitted": submitted, "failed": [r["name"] for r in failed],
               "done": [r["name"] for r in done], "waited": [r["name"] for r in attach]}
     if not watch:
         return result

@@ -92,11 +92,19 @@ def test_grid_on_slurm_resume_retry_and_same_report_as_local(slurm_cluster, tmp_
                                    "--no_progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   env=env, cwd=ROOT)
 
-    # 1. four jobs, one of which fails (its recipe process exits 3)
-    log = _study(slurm + ["--no_plots"], failing_env, expect_rc=1)
-    assert "4 to submit" in log and "submitted 4 jobs" in log
+    # 1. four jobs, one of which fails (its recipe process exits 3): submitted without waiting ...
+    log = _study(slurm + ["--no_plots", "--slurm-no-wait"], failing_env)
+    assert "4 to submit" in log and "submitted 4 jobs" in log and "not waiting" in log
+    submitted = cluster.job_ids() - before
+    assert len(submitted) == 4
+    assert {r["status"] for r in _rows(out / "results.csv")} <= {"submitted", "done"}
+    # ... then the same command (the failure travelled with the jobs' environment at submission)
+    # waits for the jobs already in SLURM instead of submitting them again
+    log = _study(slurm + ["--no_plots"], env, expect_rc=1)
+    assert re.search(r"[1-4] still queued or running", log) and "0 to submit" in log, log
     assert f"run {FAILING} FAILED" in log
     states = cluster.job_states()
+    assert set(states) - before == submitted
     ours = {j: s for j, s in states.items() if j not in before}
     assert len(ours) == 4, states
     assert sorted(s for _, s in ours.values()) == ["COMPLETED", "COMPLETED", "COMPLETED", "FAILED"], ours
@@ -124,8 +132,10 @@ def test_grid_on_slurm_resume_retry_and_same_report_as_local(slurm_cluster, tmp_
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = _study(slurm + ["--retry-failed", "--no_plots", "--slurm-srun", "--nproc_per_node", "2",
+    retry = [a for a in slurm if a != "--no_progress"]  # this time with the progress bar (on stderr)
+    log = _study(retry + ["--retry-failed", "--no_plots", "--slurm-srun", "--nproc_per_node", "2",
                           "--slurm-cpus-per-task", "2", "--slurm-rdzv-port", str(port)], env)
+    assert "slurm jobs" in log  # the bar
     new = cluster.job_states()
     added = {j: s for j, s in new.items() if j not in ids}
     assert list(added.values()) == [(f"scale-{FAILING}", "COMPLETED")], added
@@ -163,6 +173,28 @@ def test_grid_on_slurm_resume_retry_and_same_report_as_local(slurm_cluster, tmp_
     assert _md_shape((out / "results.md").read_text()) == _md_shape((local / "results.md").read_text())
     assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(p.name for p in (local / "plots").iterdir())
     print(f"[test] whole SLURM study test: {time.time() - t0:.1f}s")
+
+
+def test_job_that_dies_before_the_recipe_is_marked_failed_by_the_study(slurm_cluster, tmp_path):
+    """A job that ends without the job script's own failed.json (here: its --slurm-setup line exits
+    7; in real life TIMEOUT, OUT_OF_MEMORY, scancel ...): the study writes it, with the SLURM state."""
+    out = tmp_path / "dies"
+    env = slurm_cluster.env(HF_HUB_OFFLINE="1")
+    point = ["--sizes", "tiny", "--optims", "adamw_torch", "--variants", "warmup", "--seeds", "0",
+             "--output_dir", str(out), "--launcher", "slurm", "--slurm-poll-interval", "0.3", "--no_progress",
+             "--no_plots"]
+    # sbatch itself refuses (no such partition): a clear error, the point stays unsubmitted, not failed
+    log = _study(point + ["--slurm-partition", "nosuchpartition"], env, expect_rc=2)
+    assert "sbatch refused" in log and "invalid partition" in log.lower(), log
+    assert "Traceback" not in log
+    assert not (out / "runs" / "tiny-adamw_torch-warmup-s0" / "slurm_job.json").exists()
+    assert not (out / "runs" / "tiny-adamw_torch-warmup-s0" / "failed.json").exists()
+    log = _study(point + ["--slurm-partition", slurm_cluster.partition, "--slurm-setup", "exit 7"], env, expect_rc=1)
+    assert "1 to submit" in log
+    assert "FAILED (job" in log and ": FAILED)" in log
+    record = json.loads((out / "runs" / "tiny-adamw_torch-warmup-s0" / "failed.json").read_text())
+    assert record["slurm_state"] == "FAILED" and record["slurm_job_id"]
+    assert _rows(out / "results.csv")[0]["status"] == "failed"
 
 
 def test_dry_run_writes_job_scripts_with_per_size_resources(tmp_path):
