@@ -144,7 +144,8 @@ def launch_line(args, res: dict, recipe_cmd: list[str]) -> str:
     if res["nodes"] > 1 or args.slurm_srun:
         return ('head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
                 # since SLURM 22.05 srun does not inherit sbatch's --cpus-per-task: pass it on
-                'srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} '
+                'srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 '
+                '${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} '
                 f'--kill-on-bad-exit=1 {shlex.quote(py)} '
                 f'-m torch.distributed.run --nnodes="$SLURM_NNODES" --nproc_per_node={res["nproc"]} '
                 f'--rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$head_node:{args.slurm_rdzv_port}" '
@@ -182,7 +183,8 @@ def job_script(args, run: dict, run_dir: Path, recipe_cmd: list[str], root: Path
         "#!/bin/bash",
         f"# scale study grid point {run['name']}: size {run['size']}, optimizer {run['optim']}, "
         f"{run['variant']}, seed {run['seed']}",
-        f"# written by recipes/scale_study.py --launcher slurm; to rerun only this point: sbatch {run_dir / SCRIPT_FILE}",
+        "# written by recipes/scale_study.py --launcher slurm; to rerun only this point:",
+        f"#   sbatch {run_dir / SCRIPT_FILE}",
         *[f"#SBATCH {x}" for x in sb],
         "",
         f"RUN_DIR={q(str(run_dir))}",

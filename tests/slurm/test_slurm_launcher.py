@@ -79,8 +79,8 @@ def test_grid_on_slurm_resume_retry_and_same_report_as_local(slurm_cluster, tmp_
     (fail_dir / "sitecustomize.py").write_text(SITECUSTOMIZE)
     env = cluster.env(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("HFAM_TEST_FAIL_RUN", None)
-    failing_env = dict(env, HFAM_TEST_FAIL_RUN=FAILING,
-                       PYTHONPATH=os.pathsep.join([str(fail_dir)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])))
+    pythonpath = [str(fail_dir)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    failing_env = dict(env, HFAM_TEST_FAIL_RUN=FAILING, PYTHONPATH=os.pathsep.join(pythonpath))
     slurm = [*GRID, "--output_dir", str(out), "--launcher", "slurm", "--slurm-partition", cluster.partition,
              "--slurm-cpus-per-task", "1", "--slurm-time", "00:10:00", "--slurm-poll-interval", "0.5",
              "--no_progress"]
