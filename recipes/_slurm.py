@@ -384,7 +384,7 @@ def run_study(args, runs: list[dict], out_dir: Path, recipe_command, root: Path,
     for r in todo:
         run_dir = run_dirs[r["name"]]
         run_dir.mkdir(parents=True, exist_ok=True)
-        for name in (FAILED_FILE, PROGRESS_FILE, JOB_FILE):
+        for name in (PROGRESS_FILE, JOB_FILE):
             (run_dir / name).unlink(missing_ok=True)
         cmd = recipe_command(r, run_dir)
         (run_dir / COMMAND_FILE).write_text(launch_line(args, resources(args, r["size"]), cmd) + "\n")
@@ -394,10 +394,11 @@ def run_study(args, runs: list[dict], out_dir: Path, recipe_command, root: Path,
             job_id = submit(script)
         except (SlurmError, subprocess.TimeoutExpired) as e:
             # most likely the options (partition, account, limits): the same for the other points,
-            # so stop here; this point stays unsubmitted (not failed) and goes in with the next run
+            # so stop here; this point stays as it was (unsubmitted, or failed for --retry-failed)
             before = f"; the {len(watch)} jobs submitted or queued before keep running" if watch else ""
             raise SlurmError(f"sbatch refused {script}: {e}{before}. Fix the --slurm-* options and rerun "
                              "the same command: finished and queued points are not submitted again") from None
+        (run_dir / FAILED_FILE).unlink(missing_ok=True)  # the earlier attempt's, once this one is in
         (run_dir / JOB_FILE).write_text(json.dumps(
             {"job_id": job_id, "submitted_at": time.time(), "script": str(script),
              "resources": resources(args, r["size"])}, indent=1))

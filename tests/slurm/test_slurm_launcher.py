@@ -132,6 +132,13 @@ def test_grid_on_slurm_resume_retry_and_same_report_as_local(slurm_cluster, tmp_
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # (sbatch refusing the job, here for a partition that does not exist, stops the study with
+    # sbatch's message and leaves the point failed)
+    bad = [a if a != cluster.partition else "nosuchpartition" for a in slurm]
+    log = _study(bad + ["--retry-failed", "--no_plots"], env, expect_rc=2)
+    assert "sbatch refused" in log and "invalid partition" in log.lower() and "Traceback" not in log, log
+    assert cluster.job_ids() == ids
+    assert (out / "runs" / FAILING / "failed.json").exists()
     retry = [a for a in slurm if a != "--no_progress"]  # this time with the progress bar (on stderr)
     log = _study(retry + ["--retry-failed", "--no_plots", "--slurm-srun", "--nproc_per_node", "2",
                           "--slurm-cpus-per-task", "2", "--slurm-rdzv-port", str(port)], env)
@@ -183,12 +190,6 @@ def test_job_that_dies_before_the_recipe_is_marked_failed_by_the_study(slurm_clu
     point = ["--sizes", "tiny", "--optims", "adamw_torch", "--variants", "warmup", "--seeds", "0",
              "--output_dir", str(out), "--launcher", "slurm", "--slurm-poll-interval", "0.3", "--no_progress",
              "--no_plots"]
-    # sbatch itself refuses (no such partition): a clear error, the point stays unsubmitted, not failed
-    log = _study(point + ["--slurm-partition", "nosuchpartition"], env, expect_rc=2)
-    assert "sbatch refused" in log and "invalid partition" in log.lower(), log
-    assert "Traceback" not in log
-    assert not (out / "runs" / "tiny-adamw_torch-warmup-s0" / "slurm_job.json").exists()
-    assert not (out / "runs" / "tiny-adamw_torch-warmup-s0" / "failed.json").exists()
     log = _study(point + ["--slurm-partition", slurm_cluster.partition, "--slurm-setup", "exit 7"], env, expect_rc=1)
     assert "1 to submit" in log
     assert "FAILED (job" in log and ": FAILED)" in log
