@@ -1,16 +1,17 @@
 """A real single-node SLURM cluster on localhost for the ``slurm`` tests.
 
-The session fixture ``slurm_cluster`` installs the Debian packages when they are missing
-(``apt-get update`` once, then ``apt-get install -y --no-install-recommends slurmctld slurmd
-slurm-client munge``; needs root), then starts, all under one temporary directory:
+The fixture ``slurm_cluster`` (one cluster per test module) installs the Debian packages
+when they are missing (``apt-get update`` once, then ``apt-get install -y
+--no-install-recommends slurmctld slurmd slurm-client munge``; needs root), then starts, all
+under one temporary directory:
 
 * ``munged`` as the ``munge`` user, with its own key (``mungekey -c``) and socket;
 * ``slurmctld`` and ``slurmd`` in the foreground (children of this process), on a non-default
   port pair and ClusterName, with ``ProctrackType=proctrack/linuxproc``, ``TaskPlugin=task/none``,
   ``SlurmUser=root``, no accounting, and one node ``localhost`` with ``CPUs=2``.
 
-``SLURM_CONF`` points every SLURM client of the test session (and of the jobs) at it. At the
-end every job is cancelled, the three daemons are stopped (SIGTERM, then SIGKILL) and any
+``SLURM_CONF`` points every SLURM client of the tests (and of the jobs) at it. At the end
+every job is cancelled, the three daemons are stopped (SIGTERM, then SIGKILL) and any
 ``slurmstepd`` left over from this cluster is killed by its pid.
 """
 
@@ -247,7 +248,7 @@ class SlurmCluster:
                 pass
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # stopped as soon as the module's tests are done, not at session end
 def slurm_cluster():
     t0 = time.time()
     _ensure_installed()
