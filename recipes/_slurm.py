@@ -429,6 +429,7 @@ def wait(args, watch: dict[str, str], run_dirs: dict[str, Path]) -> tuple[list[s
     pending = dict(watch)
     done, failed = [], []
     grace: dict[str, float] = {}
+    gone: dict[str, int] = {}
     interval = max(0.2, args.slurm_poll_interval)
     heartbeat = max(60.0, 4 * interval)
     last_beat = time.time()
@@ -452,6 +453,12 @@ def wait(args, watch: dict[str, str], run_dirs: dict[str, Path]) -> tuple[list[s
                     last[job_id] = state
                 if state not in TERMINAL and state != "GONE":
                     continue
+                if state == "GONE" and not (run_dir / SUMMARY_FILE).exists():
+                    # not in squeue (nor sacct): purged after MinJobAge, or a glitch of the
+                    # controller; believe it on the second poll in a row
+                    gone[job_id] = gone.get(job_id, 0) + 1
+                    if gone[job_id] < 2:
+                        continue
                 if state == "COMPLETED" and not (run_dir / SUMMARY_FILE).exists():
                     # the job script exits 0 only after seeing run_summary.json: a shared file system
                     # that has not shown it here yet; give it a moment
@@ -473,17 +480,18 @@ def wait(args, watch: dict[str, str], run_dirs: dict[str, Path]) -> tuple[list[s
             for job_id in pending:
                 s = last.get(job_id, "?")
                 counts[SHORT.get(s, s)] = counts.get(SHORT.get(s, s), 0) + 1
-            running = [(n, _progress(run_dirs[n])) for j, n in pending.items() if last.get(j) == "RUNNING"]
+            running = [n for j, n in pending.items() if last.get(j) == "RUNNING"]
             if bar is not None:
                 text = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
                 text += f" ok={len(done)} failed={len(failed)}"
                 if running:
-                    n, (step, total, loss) = running[0]
+                    n = running[0]
+                    step, total, loss = _progress(run_dirs[n])
                     text += f" | {n} {step}/{total or '?'}" + (f" loss {float(loss):.3f}" if loss is not None else "")
                 bar.set_postfix_str(text, refresh=True)
             elif pending and time.time() - last_beat >= heartbeat:
                 last_beat = time.time()
-                steps = ", ".join(f"{n} step {s}/{t or '?'}" for n, (s, t, _) in running)
+                steps = ", ".join(f"{n} step {s}/{t or '?'}" for n in running for s, t, _ in [_progress(run_dirs[n])])
                 _say(f"[scale_study] {time.time() - t0:.0f}s: " + ", ".join(f"{v} {k}" for k, v in counts.items())
                      + f", {len(done)} finished, {len(failed)} failed" + (f"; {steps}" if steps else ""))
             if pending:
