@@ -15,12 +15,14 @@ from .hyperparameters import (
     FOREACH,
     FUSED,
     LAM,
+    MAXIMIZE,
     LR,
     RESTART_THRESHOLD,
     WEIGHT_DECAY,
     Rule,
     beta_max_rule,
     beta_min_rule,
+    refuse_unsupported,
     is_real,
 )
 from .optimizer import AMOptimizer
@@ -38,6 +40,7 @@ _RULES: Sequence[Rule] = (
     beta_min_rule(lambda g: g["betas"][0]),
     FOREACH,
     FUSED,
+    MAXIMIZE,
     RESTART_THRESHOLD,
     Rule("betas", "betas[1] (beta2)", "0 <= beta2 < 1", lambda v, g: is_real(v) and 0.0 <= v < 1.0, lambda g: g["betas"][1]),
     Rule("eps", "eps", "eps > 0", lambda v, g: is_real(v) and v > 0.0, lambda g: g["eps"]),
@@ -70,6 +73,9 @@ class AMAdamW(AMOptimizer):
             contiguous float32/float64 CPU tensors, Triton for contiguous
             float32/bfloat16/float16 CUDA tensors), else ``foreach``; ``True``: insist
             on them; ``False``: never (:mod:`hf_am.kernels`).
+        maximize: as in :class:`torch.optim.AdamW` (step along the gradient).
+        amsgrad, capturable, differentiable: torch's options that AM-AdamW does not
+            offer; set, they raise ``ValueError`` saying why.
     """
 
     beta_max_key = "betas"
@@ -90,7 +96,12 @@ class AMAdamW(AMOptimizer):
         process_group=None,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        maximize: bool = False,
+        amsgrad: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
     ):
+        refuse_unsupported(type(self).__name__, dict(amsgrad=amsgrad, capturable=capturable, differentiable=differentiable))
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -101,8 +112,12 @@ class AMAdamW(AMOptimizer):
             restart_threshold=restart_threshold,
             foreach=foreach,
             fused=fused,
+            maximize=maximize,
         )
         super().__init__(params, defaults, scope=scope, loss_estimate=loss_estimate, process_group=process_group)
+
+    #: the per-element state tensors (checked by the gate, handed to the kernels)
+    state_tensor_names = ("exp_avg", "exp_avg_sq")
 
     @classmethod
     def group_rules(cls) -> Sequence[Rule]:
@@ -135,19 +150,20 @@ class AMAdamW(AMOptimizer):
         )
 
     def _partial_sums(self, plan: GroupPlan) -> torch.Tensor:
+        """Phase 1 reads only (state changes in phase 2), so a step that raises before phase 2 changes nothing."""
         states, exp_avgs, exp_avg_sqs = self._lists(plan)
-        steps = [s["step"] for s in states]
+        steps = torch._foreach_add([s["step"] for s in states], 1.0)  # this step's count, stored in phase 2
         prods = [s[PROD] for s in states]
-        torch._foreach_add_(steps, 1.0)
         beta2, eps = plan.group["betas"][1], plan.group["eps"]
         if plan.path is Path.REFERENCE:
-            sums, plan.scratch = reference.adamw_sums(plan.local_grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps)
+            sums, scratch = reference.adamw_sums(plan.local_grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps)
         else:
             args = (plan.local_params, plan.local_grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps)
             if plan.path is Path.FUSED:
-                sums, plan.scratch = _sums_fused(plan.kernels, *args)
+                sums, scratch = _sums_fused(plan.kernels, *args)
             else:
-                sums, plan.scratch = multi_tensor.adamw_sums(*args)
+                sums, scratch = multi_tensor.adamw_sums(*args)
+        plan.scratch = (scratch, steps)
         return sums
 
     def _apply_update(self, plan: GroupPlan, applied: torch.Tensor, restart: torch.Tensor) -> None:
@@ -155,13 +171,14 @@ class AMAdamW(AMOptimizer):
         prods = torch.stack([s[PROD] for s in states])
         prods_new = torch.where(restart > 0, torch.ones_like(prods), prods) * applied.to(prods.dtype)
         group = plan.group
+        scratch, steps = plan.scratch
         update = _UPDATES[plan.path]
         update(
             plan.local_params,
             plan.local_grads,
             exp_avgs,
             exp_avg_sqs,
-            plan.scratch,
+            scratch,
             applied,
             restart,
             prods_new,
@@ -170,6 +187,7 @@ class AMAdamW(AMOptimizer):
             has_restarts=group["restart_threshold"] is not None,
         )
         torch._foreach_copy_([s[PROD] for s in states], list(prods_new.unbind(0)))
+        torch._foreach_copy_([s["step"] for s in states], steps)
         plan.scratch = None
 
 
@@ -187,7 +205,7 @@ def _sums_fused(kernels, params, grads, exp_avgs, exp_avg_sqs, steps, prods, bet
     acc = accumulation_dtype(grads[0].dtype)
     bias2_sqrt, d_scale, eps_scaled = multi_tensor.adamw_bias_terms(steps, prods, eps, beta2, acc)
     sums = kernels.adamw_sums(grads, exp_avgs, exp_avg_sqs, beta2, eps_scaled, d_scale)
-    return sums.to(acc) * bias2_sqrt.unsqueeze(1), _FusedPhase1(kernels, bias2_sqrt, eps_scaled, beta2)
+    return sums.double() * bias2_sqrt.double().unsqueeze(1), _FusedPhase1(kernels, bias2_sqrt, eps_scaled, beta2)
 
 
 def _update_fused(params, grads, exp_avgs, exp_avg_sqs, phase1, applied, restart, prods_new, *, lr, weight_decay, has_restarts):

@@ -15,17 +15,19 @@ from .hyperparameters import (
     FOREACH,
     FUSED,
     LAM,
+    MAXIMIZE,
     LR,
     RESTART_THRESHOLD,
     WEIGHT_DECAY,
     Rule,
     beta_max_rule,
     beta_min_rule,
+    refuse_unsupported,
 )
 from .optimizer import AMOptimizer
 from .planning import GroupPlan, Path
 from .sharding import local_view
-from .state import accumulation_dtype, new_scalar_state
+from .state import new_scalar_state
 
 __all__ = ["AMSGD"]
 
@@ -37,6 +39,7 @@ _RULES: Sequence[Rule] = (
     beta_min_rule(lambda g: g["momentum"]),
     FOREACH,
     FUSED,
+    MAXIMIZE,
     RESTART_THRESHOLD,
 )
 
@@ -51,6 +54,8 @@ class AMSGD(AMOptimizer):
 
     Args are those of :class:`hf_am.AMAdamW` without ``betas``/``eps``; the default
     ``scope`` is ``"model"`` (one coefficient for the whole model, as in the paper).
+    ``maximize`` works as in torch; ``nesterov``, ``dampening`` (other than ``None`` or
+    ``momentum``), ``capturable`` and ``differentiable`` are refused with the reason.
     """
 
     beta_max_key = "momentum"
@@ -70,7 +75,16 @@ class AMSGD(AMOptimizer):
         process_group=None,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        maximize: bool = False,
+        nesterov: bool = False,
+        dampening: Optional[float] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ):
+        refuse_unsupported(
+            type(self).__name__,
+            dict(nesterov=nesterov, dampening=None if dampening == momentum else dampening, capturable=capturable, differentiable=differentiable),
+        )
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -80,8 +94,12 @@ class AMSGD(AMOptimizer):
             restart_threshold=restart_threshold,
             foreach=foreach,
             fused=fused,
+            maximize=maximize,
         )
         super().__init__(params, defaults, scope=scope, loss_estimate=loss_estimate, process_group=process_group)
+
+    #: the per-element state tensors (checked by the gate, handed to the kernels)
+    state_tensor_names = ("momentum_buffer",)
 
     @classmethod
     def group_rules(cls) -> Sequence[Rule]:
@@ -95,8 +113,8 @@ class AMSGD(AMOptimizer):
                     new_scalar_state(state, lp)  # the buffer itself is created by the first update
 
     def _partial_sums(self, plan: GroupPlan) -> torch.Tensor:
+        """Phase 1 reads only; the step count and the buffer change in phase 2."""
         states = [self.state[p] for p in plan.params]
-        torch._foreach_add_([s["step"] for s in states], 1.0)
         buffers = [local_view(s["momentum_buffer"]) if "momentum_buffer" in s else None for s in states]
         wd = plan.group["weight_decay"]
         if plan.path is Path.REFERENCE or any(b is None for b in buffers):
@@ -107,7 +125,7 @@ class AMSGD(AMOptimizer):
         if plan.path is Path.FUSED:
             plan.scratch = (Path.FUSED, None)
             sums = plan.kernels.sgd_sums(plan.local_grads, plan.local_params, buffers, wd)
-            return sums.to(accumulation_dtype(plan.local_params[0].dtype))
+            return sums.double()
         sums, kept = multi_tensor.sgd_sums(plan.local_grads, plan.local_params, buffers, wd)
         plan.scratch = (Path.MULTI_TENSOR, kept)
         return sums
@@ -127,4 +145,5 @@ class AMSGD(AMOptimizer):
         else:
             buffers = [local_view(s["momentum_buffer"]) for s in states]
             multi_tensor.sgd_update(plan.local_params, plan.local_grads, buffers, kept, keep, lr, plan.group["weight_decay"])
+        torch._foreach_add_([s["step"] for s in states], 1.0)
         plan.scratch = None

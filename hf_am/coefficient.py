@@ -63,12 +63,13 @@ def effective_momentum(beta: torch.Tensor, lam: Number) -> torch.Tensor:
 
 
 class StepCoefficients(NamedTuple):
-    """The coefficients of one step, one entry per scope (tensors of the sums' dtype)."""
+    """The coefficients of one step, one entry per scope (float64 tensors)."""
 
     adaptive: torch.Tensor  #: closed form, clipped to [beta_min, beta_max] (§2)
     reported: torch.Tensor  #: what beta statistics and logs show (§9)
     applied: torch.Tensor  #: multiplies the old momentum in the update (§1, §7)
     restart: torch.Tensor  #: 1.0 where the Restart variant resets the momentum this step, else 0.0
+    fallback: torch.Tensor  #: 1.0 where the sums were not finite, so the coefficient is beta_max (§2)
 
 
 def step_coefficients(
@@ -81,20 +82,33 @@ def step_coefficients(
 ) -> StepCoefficients:
     """All coefficients of a step from the per-scope sums ``[A, B, C]`` (``sums`` is ``(n_scopes, 3)``).
 
-    Without ``restart_threshold`` the adaptive coefficient is used.  The Restart
-    variant (§7) keeps the momentum at ``beta_max`` and resets it first wherever
-    the adaptive coefficient falls below the threshold; such a step keeps no
-    memory, so it reports 0.
+    A scope whose sums are not finite (a NaN or inf gradient somewhere in it)
+    takes ``beta_max`` and no restart this step, so tensors with finite
+    gradients keep finite state; ``fallback`` marks it.  Without
+    ``restart_threshold`` the adaptive coefficient is used.  The Restart variant
+    (§7) keeps the momentum at ``beta_max`` and resets it first wherever the
+    adaptive coefficient falls below the threshold; such a step keeps no memory,
+    so it reports 0.  A per-scope threshold tensor may hold NaN for scopes without
+    the variant.
     """
+    finite = torch.isfinite(sums).all(dim=1)
+    if loss_delta is not None:
+        finite = finite & torch.isfinite(loss_delta)
     beta = adaptive_beta(sums[:, 0], sums[:, 1], sums[:, 2], lam, beta_min, beta_max, loss_delta)
+    beta_max_t = torch.full_like(beta, beta_max) if isinstance(beta_max, float) else beta_max.to(beta.dtype)
+    beta = torch.where(finite, beta, beta_max_t)
+    fallback = (~finite).to(sums.dtype)
     if restart_threshold is None:
         restart = torch.zeros_like(beta)
         base = reported = beta
     else:
-        restart = (beta < restart_threshold).to(sums.dtype)
-        base = torch.full_like(beta, beta_max) if isinstance(beta_max, float) else beta_max.clone()
+        restart = ((beta < restart_threshold) & finite).to(sums.dtype)  # a NaN threshold (no variant): never
+        if isinstance(restart_threshold, torch.Tensor):
+            base = torch.where(torch.isnan(restart_threshold), beta, beta_max_t)
+        else:
+            base = beta_max_t
         reported = base * (1.0 - restart)
-    return StepCoefficients(beta, reported, effective_momentum(base, lam), restart)
+    return StepCoefficients(beta, reported, effective_momentum(base, lam), restart, fallback)
 
 
 def _is_number(*values) -> bool:

@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
+import math
+import numbers
+
 import torch
 
 #: ``scope=`` values (docs/algorithm.md §4).
@@ -29,10 +32,37 @@ class Hyperparameters(NamedTuple):
 
 
 def is_real(value) -> bool:
-    """A real number: a Python int/float (not a bool) or a one-element tensor."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) or (
-        isinstance(value, torch.Tensor) and value.numel() == 1
-    )
+    """A finite real number: a Python or numpy int/float (not a bool), or a one-element real tensor.
+
+    Non-finite values are refused: ``lr``, ``lam``, ``eps`` or ``weight_decay`` of
+    ``inf`` make every parameter NaN after one step.  Reading a tensor here may
+    synchronise with its device; this runs in the constructor and
+    ``add_param_group`` only, never in ``step()``.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            return False
+        return math.isfinite(float(value))
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_":
+        return math.isfinite(float(value))
+    return False
+
+
+def _non_finite(value) -> bool:
+    try:
+        return isinstance(value, (numbers.Real, torch.Tensor)) and not isinstance(value, bool) and not math.isfinite(float(value))
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
+def normalise_number(value):
+    """numpy scalars and one-element tensors (other than a tensor ``lr``) become Python floats, so
+    that arithmetic inside ``step()`` neither synchronises nor meets numpy's operator rules."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        return float(value)
+    return value
 
 
 def check_range(name: str, value, ok: bool, allowed: str) -> None:
@@ -59,7 +89,10 @@ class Rule:
     def check(self, group: Mapping[str, Any], beta_max: float) -> None:
         value = self.read(group)
         if not self.ok(value, group):
-            raise self.error(f"Invalid {self.label}: {value!r} (allowed: {self.allowed.format(beta_max=beta_max)})")
+            allowed = self.allowed.format(beta_max=beta_max)
+            if _non_finite(value):
+                allowed += ", and finite"
+            raise self.error(f"Invalid {self.label}: {value!r} (allowed: {allowed})")
 
     def describe(self) -> str:
         """The allowed values without a group at hand (``beta_max`` stays a name)."""
@@ -80,7 +113,7 @@ def beta_max_rule(option: str, read: Callable[[Mapping[str, Any]], Any]) -> Rule
 
 def _lr_ok(lr, group) -> bool:
     if isinstance(lr, torch.Tensor):
-        return True  # checked for its shape by validate_group (a tensor lr is moved by schedulers)
+        return True  # checked by validate_group (a tensor lr is moved by schedulers)
     return is_real(lr) and lr >= 0.0
 
 
@@ -89,6 +122,7 @@ WEIGHT_DECAY = Rule("weight_decay", "weight_decay", "weight_decay >= 0", lambda 
 LAM = Rule("lam", "lam", "lam >= 0", lambda v, g: is_real(v) and v >= 0.0, _key("lam"))
 FOREACH = Rule("foreach", "foreach", "None, True, False", _optional_bool, _key("foreach"), TypeError)
 FUSED = Rule("fused", "fused", "None, True, False", _optional_bool, _key("fused"), TypeError)
+MAXIMIZE = Rule("maximize", "maximize", "True, False", lambda v, g: isinstance(v, bool), lambda g: g.get("maximize", False), TypeError)
 RESTART_THRESHOLD = Rule(
     "restart_threshold",
     "restart_threshold",
@@ -109,10 +143,24 @@ def beta_min_rule(beta_max_of: Callable[[Mapping[str, Any]], float]) -> Rule:
 
 
 def validate_group(group: Dict[str, Any], rules: Sequence[Rule], beta_max: float) -> None:
-    """Check a param group against ``rules`` in order; the first failure raises, naming value and range."""
+    """Check a param group against ``rules`` in order; the first failure raises, naming value and range.
+
+    Numbers are normalised first (:func:`normalise_number`); a tensor ``lr`` stays a
+    tensor (schedulers update it in place) but must hold one finite real number.
+    """
     lr = group["lr"]
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError(f"Invalid learning rate: a tensor lr must have one element, got shape {tuple(lr.shape)}")
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Invalid learning rate: a tensor lr must have one element, got shape {tuple(lr.shape)}")
+        if not is_real(lr) or float(lr) < 0:
+            raise ValueError(f"Invalid learning rate: {lr!r} (allowed: lr >= 0, finite)")
+    for key in ("lam", "beta_min", "weight_decay", "eps", "momentum", "restart_threshold"):
+        if key in group:
+            group[key] = normalise_number(group[key])
+    if not isinstance(lr, torch.Tensor):
+        group["lr"] = normalise_number(lr)
+    if isinstance(group.get("betas"), tuple):
+        group["betas"] = tuple(normalise_number(b) for b in group["betas"])
     for rule in rules:
         rule.check(group, beta_max)
         if rule is FUSED and group.get("fused") and group.get("foreach") is not None:
@@ -145,3 +193,24 @@ def scope_rules() -> Tuple[Rule, Rule]:
         Rule("scope", "scope", scopes, lambda v, g: v in SCOPES, _key("scope")),
         Rule("loss_estimate", "loss_estimate", estimates, lambda v, g: v in LOSS_ESTIMATES, _key("loss_estimate")),
     )
+
+
+#: torch.optim.AdamW / SGD keyword arguments the AM optimizers do not offer, and why.
+UNSUPPORTED_TORCH_OPTIONS: Dict[str, str] = {
+    "amsgrad": "AMSGrad's running maximum of v would change the metric D between the two phases of a step; "
+    "it is not part of the AM method",
+    "nesterov": "the AM coefficient is chosen for the heavy-ball update of the paper; a Nesterov look-ahead "
+    "is a different model",
+    "dampening": "AM-SGD always uses the damped form d <- b d + (1 - b) g (what SGD(momentum=b, dampening=b) "
+    "computes); the coefficient b is chosen every step",
+    "differentiable": "the closed-form coefficient and the compiled kernels run under torch.no_grad()",
+    "capturable": "CUDA-graph capture of step() is not supported yet",
+    "decoupled_weight_decay": "AM-AdamW's weight decay is always decoupled, AM-SGD's always coupled",
+}
+
+
+def refuse_unsupported(optimizer_name: str, options: Mapping[str, Any]) -> None:
+    """``ValueError`` for a torch option set to something other than its off value, saying why."""
+    for key, value in options.items():
+        if value is not None and value is not False:
+            raise ValueError(f"{optimizer_name} does not support {key}={value!r}: {UNSUPPORTED_TORCH_OPTIONS[key]}")

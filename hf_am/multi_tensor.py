@@ -37,7 +37,15 @@ class _Phase1(NamedTuple):
     tiles: TilePlan
     bias2_sqrt: torch.Tensor  # c = sqrt(1 - beta2^t) per tensor
     eps_scaled: List[torch.Tensor]  # eps * c per tensor (0-dim tensors)
-    denoms: Optional[List[torch.Tensor]]  # D' of the only tile, when there is one
+    beta2: float
+    whole: Optional[tuple]  # (D', v') of the only tile, when there is one
+
+
+def _second_moment(exp_avg_sqs, grads, beta2) -> List[torch.Tensor]:
+    """This step's ``v' = beta2 v + (1 - beta2) g^2`` as new tensors (``v`` is stored in phase 2)."""
+    v_next = torch._foreach_mul(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(v_next, grads, grads, 1.0 - beta2)
+    return v_next
 
 
 def _second_moment_(exp_avg_sqs, grads, beta2) -> None:
@@ -63,12 +71,13 @@ def _dots_cpu(grads, exp_avgs, denoms, neg_scale) -> List[torch.Tensor]:
     diff_over_d = torch._foreach_div(diff, denoms)
     out = []
     for m, g, md, df, dfd in zip(exp_avgs, grads, m_over_d, diff, diff_over_d):
-        md = md.view(-1)
-        out += (torch.dot(md, m.reshape(-1)), torch.dot(md, g.reshape(-1)), torch.dot(dfd.view(-1), df.view(-1)))
+        # x * (x / D') per element: finite where x^2 would overflow; reshape: any memory layout
+        md = md.reshape(-1)
+        out += (torch.dot(md, m.reshape(-1)), torch.dot(md, g.reshape(-1)), torch.dot(dfd.reshape(-1), df.reshape(-1)))
     return out
 
 
-def _norms_device(grads, exp_avgs, denoms, neg_scale, acc) -> torch.Tensor:
+def _norms_device(grads, exp_avgs, denoms, neg_scale) -> torch.Tensor:
     """Per tensor ``[|m|^2, |g|^2, |g-d|^2]`` in the metric 1/D' (one multi-tensor norm call).
 
     With r = D'^{-1/2}: <a,b>_{1/D'} = <a r, b r>, and foreach norms are fused
@@ -78,40 +87,43 @@ def _norms_device(grads, exp_avgs, denoms, neg_scale, acc) -> torch.Tensor:
     g_r = torch._foreach_mul(grads, r)
     torch._foreach_mul_(r, exp_avgs)  # r now holds m * r
     diff = torch._foreach_addcmul(g_r, r, neg_scale)  # (g - d) r
-    norms = torch.stack(torch._foreach_norm([*r, *g_r, *diff], 2, dtype=acc))
+    norms = torch.stack(torch._foreach_norm([*r, *g_r, *diff], 2, dtype=torch.float64))
     return norms.view(3, len(grads)).t() ** 2
 
 
 def adamw_sums(params, grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps):
+    """Phase 1, reading only: per tensor sums (float64) and what phase 2 needs (``steps``: this step's count)."""
     acc = grads[0].dtype
     bias2_sqrt, d_scale, eps_scaled = adamw_bias_terms(steps, prods, eps, beta2, acc)
     eps_scaled = list(eps_scaled.unbind(0))
     neg_scale = list((-d_scale).unbind(0))
     tiles = TilePlan([params, grads, exp_avgs, exp_avg_sqs])
-    parts, kept = [], None
+    parts, whole = [], None
     for tile in tiles:
         i0, k = tile[0][0], len(tile)
         g, m, v = tiles.views(grads, tile), tiles.views(exp_avgs, tile), tiles.views(exp_avg_sqs, tile)
-        _second_moment_(v, g, beta2)
-        denoms = _scaled_denominators(v, eps_scaled[i0 : i0 + k])
+        v_next = _second_moment(v, g, beta2)
+        denoms = _scaled_denominators(v_next, eps_scaled[i0 : i0 + k])
         if tiles.cpu:
             parts += _dots_cpu(g, m, denoms, neg_scale[i0 : i0 + k])
         else:
-            parts.append(_norms_device(g, m, denoms, neg_scale, acc))
+            parts.append(_norms_device(g, m, denoms, neg_scale))
         if tiles.whole:
-            kept = denoms
+            whole = (denoms, v_next)
+    d_scale64 = d_scale.double()
     if tiles.cpu:
-        mm, gm, diff = tiles.per_tensor(torch.stack(parts).view(-1, 3)).unbind(1)
-        s_dd, s_gd = d_scale**2 * mm, d_scale * gm
+        mm, gm, diff = tiles.per_tensor(torch.stack(parts).view(-1, 3).double()).unbind(1)
+        s_dd, s_gd = d_scale64**2 * mm, d_scale64 * gm
     else:
         mm, gg, diff = parts[0].unbind(1)
-        s_dd = d_scale**2 * mm
+        s_dd = d_scale64**2 * mm
         s_gd = 0.5 * (gg + s_dd - diff)
-    sums = torch.stack((s_dd, s_gd, diff), dim=1) * bias2_sqrt.unsqueeze(1)
-    return sums, _Phase1(tiles, bias2_sqrt, eps_scaled, kept)
+    sums = torch.stack((s_dd, s_gd, diff), dim=1) * bias2_sqrt.double().unsqueeze(1)
+    return sums, _Phase1(tiles, bias2_sqrt, eps_scaled, beta2, whole)
 
 
 def adamw_update(params, grads, exp_avgs, exp_avg_sqs, phase1, beta_eff, restart, prods_new, *, lr, weight_decay, has_restarts):
+    """Phase 2: store ``v'``, update ``m`` and ``x`` tile by tile."""
     tiles = phase1.tiles
     acc = params[0].dtype
     weights = list((1.0 - beta_eff.to(acc)).unbind(0))
@@ -121,10 +133,13 @@ def adamw_update(params, grads, exp_avgs, exp_avg_sqs, phase1, beta_eff, restart
     for tile in tiles:
         i0, k = tile[0][0], len(tile)
         p, g, m = tiles.views(params, tile), tiles.views(grads, tile), tiles.views(exp_avgs, tile)
-        if phase1.denoms is not None:
-            denoms = phase1.denoms
-        else:  # recomputing D' costs less than keeping it when the tile is in cache
-            denoms = _scaled_denominators(tiles.views(exp_avg_sqs, tile), phase1.eps_scaled[i0 : i0 + k])
+        v = tiles.views(exp_avg_sqs, tile)
+        if phase1.whole is not None:
+            denoms, v_next = phase1.whole
+            torch._foreach_copy_(v, v_next)
+        else:  # recomputing v' and D' costs less than keeping them when the tile is in cache
+            _second_moment_(v, g, beta2=phase1.beta2)
+            denoms = _scaled_denominators(v, phase1.eps_scaled[i0 : i0 + k])
         if weight_decay != 0:
             torch._foreach_mul_(p, 1.0 - lr * weight_decay)
         if has_restarts:  # a restart forgets the momentum first
@@ -139,7 +154,7 @@ def adamw_update(params, grads, exp_avgs, exp_avg_sqs, phase1, beta_eff, restart
 
 # ------------------------------------------------------------------- AM-SGD (§5)
 def sgd_sums(grads, params, buffers, weight_decay):
-    acc = grads[0].dtype
+    """Per tensor ``[<d,d>, <g',d>, <g'-d,g'-d>]`` in float64 (``d^2`` overflows float32 for ``|d| > 1.8e19``)."""
     tiles = TilePlan([grads, params, buffers])
     parts, kept = [], None
     for tile in tiles:
@@ -148,10 +163,10 @@ def sgd_sums(grads, params, buffers, weight_decay):
         diff = torch._foreach_sub(g, d)
         if tiles.cpu:  # dot products: no multi-tensor reduction but one read of each tile
             for dd, gg, df in zip(d, g, diff):
-                dd, gg, df = dd.reshape(-1), gg.reshape(-1), df.reshape(-1)
+                dd, gg, df = (t.reshape(-1).to(torch.float64) for t in (dd, gg, df))
                 parts += (torch.dot(dd, dd), torch.dot(gg, dd), torch.dot(df, df))
         else:  # one fused multi-tensor norm call: [d | g | diff]
-            norms = torch.stack(torch._foreach_norm([*d, *g, *diff], 2, dtype=acc)).view(3, len(d)).t() ** 2
+            norms = torch.stack(torch._foreach_norm([*d, *g, *diff], 2, dtype=torch.float64)).view(3, len(d)).t() ** 2
             s_dd, s_gg, s_diff = norms.unbind(1)
             parts.append(torch.stack((s_dd, 0.5 * (s_gg + s_dd - s_diff), s_diff), dim=1))
         if tiles.whole:

@@ -17,6 +17,8 @@ for the device.
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -24,19 +26,23 @@ import torch
 from .coefficient import step_coefficients
 from .device_constants import DeviceConstants
 from .hyperparameters import Hyperparameters, Rule, validate_group, validate_scope
-from .planning import GroupPlan, Layout, plan_step
+from .planning import GroupPlan, Layout, choose_path, state_lists, plan_step
 from .reduction import LayoutGuard, scope_sums
-from .sharding import optional_numel
+from .sharding import local_view, optional_numel
 from .state import (
     INIT_NUMEL,
     INIT_TENSORS,
     PREV_LOSS,
     PREV_LR,
+    adopt_foreign_state,
+    check_state_fits,
     check_state_format,
     mark_state_format,
     restore_scalar_state,
 )
 from .statistics import BetaStatistics, record_step
+
+logger = logging.getLogger("hf_am")
 
 
 class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
@@ -44,6 +50,8 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
 
     #: param-group key holding ``beta_max``
     beta_max_key: str = ""
+    #: the per-element state tensors of a parameter (checked by hf_am.gate, handed to the kernels)
+    state_tensor_names: Sequence[str] = ()
 
     def __init__(self, params, defaults: Dict[str, Any], *, scope: str, loss_estimate: str, process_group=None):
         validate_scope(scope, loss_estimate)
@@ -86,6 +94,16 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
             if p.is_complex():
                 self.param_groups.pop()
                 raise TypeError(f"AM optimizers support real parameters only, got a {p.dtype} parameter")
+        if self.scope == "model" and len(self.param_groups) > 1:
+            first, this = self.hyperparameters_of(self.param_groups[0]), self.hyperparameters_of(group)
+            if this != first:
+                self.param_groups.pop()
+                raise ValueError(
+                    f"scope='model' computes one coefficient for all parameter groups, but param group "
+                    f"{len(self.param_groups)} has {dict(this._asdict())} and param group 0 {dict(first._asdict())}. "
+                    "Give every group the same lam, beta_min, beta_max and restart_threshold, or use "
+                    "scope='group'/'tensor', where each group keeps its own"
+                )
         # Remember the group's shape before anybody (DeepSpeed) flattens it, so a
         # scope that a wrapper splits across step() calls can be detected.
         group.setdefault(INIT_TENSORS, len(group["params"]))
@@ -119,16 +137,24 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         plans, layout = plan_step(self)
         if not plans and not layout.groups_for_key:
             return loss
-        self._guard.check_new_layout(plans, layout)
-        self._init_state(plans)
-
-        partials = [self._partial_sums(plan) for plan in plans]
-        loss_delta = self._loss_delta(plans, loss, layout)
-        sums, mismatch = scope_sums(plans, partials, layout, loss_delta is not None, self._device_constants)
-        if mismatch is not None:
-            self._guard.on_mismatch(mismatch, plans)
-
+        self._log_paths(plans)
+        # Everything that can refuse the step runs before anything changes (docs/algorithm.md §10);
+        # plan_step has checked every tensor against its parameter (hf_am.gate).
         hyper = self._scope_hyperparameters(layout)
+        self._guard.check_new_layout(plans, layout)
+        new_state = [p for plan in plans for p in plan.params if not self.state.get(p)]
+        self._init_state(plans)
+        try:
+            partials = [self._partial_sums(plan) for plan in plans]  # phase 1 reads only
+            loss_delta = self._loss_delta(plans, loss, layout)
+            sums, mismatch = scope_sums(plans, partials, layout, loss_delta is not None, self._device_constants)
+            if mismatch is not None:
+                self._guard.on_mismatch(mismatch, plans)
+        except BaseException:
+            for p in new_state:  # leave no trace of a step that did not happen
+                self.state.pop(p, None)
+            raise
+
         coefficients = step_coefficients(sums, *hyper, loss_delta)
         applied, restart = coefficients.applied, coefficients.restart
         if mismatch is not None and layout.device.type != "cpu":
@@ -139,27 +165,26 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         for plan in plans:
             idx = self._device_constants.index(plan.scope_ids, layout.device)
             self._apply_update(plan, applied.index_select(0, idx), restart.index_select(0, idx))
-            record_step(self, plan, coefficients.reported.index_select(0, idx), restart.index_select(0, idx), loss)
+            record_step(self, plan, coefficients, idx, restart.index_select(0, idx), loss)
             lr = plan.group["lr"]  # a tensor lr is updated in place by schedulers: keep a copy
             plan.group[PREV_LR] = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
         return loss
 
     def _scope_hyperparameters(self, layout: Layout) -> Hyperparameters:
-        """Python floats when every scope agrees, else per-scope tensors on the device."""
+        """Python floats when every scope agrees, else per-scope tensors on the device
+        (a NaN threshold for scopes without the Restart variant)."""
         values = set(layout.hyper_of_scope)
         if len(values) == 1:
             lam, bmin, bmax, thr = next(iter(values))
             return Hyperparameters(float(lam), float(bmin), float(bmax), None if thr is None else float(thr))
-        thresholds = {h.restart_threshold is None for h in values}
-        if len(thresholds) != 1:
-            raise ValueError("restart_threshold must be set for all parameter groups or for none")
         columns = []
         for j in range(4):
-            if j == 3 and next(iter(thresholds)):
+            column = tuple(math.nan if h[j] is None else float(h[j]) for h in layout.hyper_of_scope)
+            if j == 3 and all(math.isnan(v) for v in column):
                 columns.append(None)
                 continue
-            key = ("hyper", j, layout.device, layout.acc, tuple(float(h[j]) for h in layout.hyper_of_scope))
-            columns.append(self._device_constants.get(key, lambda: torch.tensor(key[-1], dtype=layout.acc, device=layout.device)))
+            key = ("hyper", j, layout.device, layout.acc, column)
+            columns.append(self._device_constants.get(key, lambda: torch.tensor(column, dtype=layout.acc, device=layout.device)))
         return Hyperparameters(*columns)
 
     def _loss_delta(self, plans: List[GroupPlan], loss, layout: Layout) -> Optional[torch.Tensor]:
@@ -195,18 +220,73 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         return mark_state_format(super().state_dict())
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Like torch's, but AM scalar state keeps its accumulation dtype, and newer formats are refused."""
+        """Like torch's, and also:
+
+        * a ``torch.optim.AdamW`` state dict loads into :class:`AMAdamW` (switching a running job to
+          AM-AdamW; docs/algorithm.md §11): its moments and step counts continue, the AM scalars
+          start as if AdamW's ``beta1`` had been applied so far, and the AM hyperparameters come
+          from this optimizer's param groups (the checkpoint's have none);
+        * state that does not fit the parameters (other shapes, missing tensors) and formats written
+          by a newer hf_am are refused here, with a message, before anything is loaded;
+        * the AM scalar state keeps its accumulation dtype (torch would cast it to the parameter's).
+        """
         check_state_format(state_dict, type(self).__name__)
+        state_dict = adopt_foreign_state(self, state_dict)
+        check_state_fits(self, state_dict)
         super().load_state_dict(state_dict)
         restore_scalar_state(self, state_dict)
         self._guard.forget()
         self._load_count += 1
         self._scope_reps.clear()
 
+    # ------------------------------------------------------------------- copies
+    #: attributes beyond torch's (defaults, state, param_groups) that a copy must keep
+    _COPIED = ("scope", "loss_estimate", "process_group", "_init_num_groups", "_load_count")
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """torch keeps only defaults, state and param groups; a copy (``copy.deepcopy``, pickle)
+        also needs the constructor's options, or it cannot step."""
+        state = super().__getstate__()
+        state.update({k: self.__dict__[k] for k in self._COPIED if k in self.__dict__})
+        return state
+
     def __setstate__(self, state):
         super().__setstate__(state)
-        if "_guard" not in self.__dict__:
-            self._init_runtime()
+        load_count = self.__dict__.get("_load_count", 0)
+        if "scope" in self.__dict__:
+            self._init_runtime()  # caches and rank checks start afresh in the copy
+            self._load_count = load_count
+
+    # -------------------------------------------------------------------- paths
+    def paths(self) -> List[Dict[str, Any]]:
+        """Which implementation each param group takes now, and why (docs/algorithm.md §10).
+
+        One entry per non-empty group: ``{"group": index, "path": Path, "why": text}``; ``why``
+        says, for a fallback, why the compiled kernels declined (``path`` is ``None`` where the
+        step would refuse, e.g. ``fused=True`` on tensors the kernels decline).  Decided from the parameters
+        and existing state as :func:`hf_am.planning.choose_path` does at each step.
+        """
+        out = []
+        for index, group in enumerate(self.param_groups):
+            params = list(group["params"])
+            if not params:
+                continue
+            local = [local_view(p) for p in params]
+            grads = [local_view(p.grad) if p.grad is not None else lp for p, lp in zip(params, local)]
+            try:
+                path, _, why = choose_path(group, index, [local, grads, *state_lists(self, params)])
+            except RuntimeError as exc:  # fused=True where the kernels decline: the step would raise this
+                path, why = None, str(exc)
+            out.append({"group": index, "path": path, "why": why})
+        return out
+
+    def _log_paths(self, plans: List[GroupPlan]) -> None:
+        """Log which path each group takes, once per change (``logging.getLogger("hf_am")``)."""
+        chosen = tuple((plan.group_index, plan.path, plan.why) for plan in plans)
+        if chosen != self.__dict__.get("_logged_paths"):
+            self._logged_paths = chosen
+            for index, path, why in chosen:
+                logger.info("%s: param group %d takes the %s path (%s)", type(self).__name__, index, path.value, why)
 
 
 def param_groups_per_tensor(params_or_groups) -> List[Dict[str, Any]]:

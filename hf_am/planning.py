@@ -15,6 +15,7 @@ from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 import torch
 
 from . import kernels as kernel_sets
+from .gate import check_plan_tensors
 from .hyperparameters import Hyperparameters
 from .sharding import local_view, reduction_groups
 from .state import INIT_TENSORS, is_low_precision
@@ -39,8 +40,11 @@ class GroupPlan:
     scope_ids: List[int] = field(default_factory=list)
     keys: List[Hashable] = field(default_factory=list)  # reduction key per tensor (hf_am.sharding)
     positions: List[int] = field(default_factory=list)  # each param's index among the call's params
+    indices: List[int] = field(default_factory=list)  # each param's index in its group (for messages)
     path: Path = Path.MULTI_TENSOR
     kernels: Any = None  # for Path.FUSED: the kernel set (a hf_am.kernels.KernelSet)
+    group_index: int = 0
+    why: str = ""  # why this path (e.g. why the kernels declined)
     scratch: Any = None  # what phase 1 leaves for phase 2 (e.g. AdamW's denominators)
 
 
@@ -57,7 +61,7 @@ class Layout:
     hyper_of_scope: List[Hyperparameters]
     groups_for_key: Dict[Hashable, Sequence]  # every reduction key of the call's params
     signature: tuple
-    acc: torch.dtype  # of the sums: float64 when any parameter is float64
+    acc: torch.dtype  # of the scope sums and coefficients: float64 always (no overflow where AdamW has none)
     device: Optional[torch.device]
 
 
@@ -70,33 +74,37 @@ def plan_step(optimizer) -> Tuple[List[GroupPlan], Layout]:
     offset = 0
     hyper_of_scope: List[Hyperparameters] = []
     all_keys: Dict[Hashable, Sequence] = {}
-    acc, device = torch.float32, None
+    acc, device = torch.float64, None
     for group_index, group in enumerate(call_groups):
         hyper = optimizer.hyperparameters_of(group)
         if scope == "tensor":
             hyper_of_scope.extend([hyper] * len(group["params"]))
         elif scope == "group" or group_index == 0:
             hyper_of_scope.append(hyper)
-        params, local_params, local_grads, positions, keys = [], [], [], [], []
+        params, local_params, local_grads, positions, keys, indices = [], [], [], [], [], []
         for pos, p in enumerate(group["params"]):
             key, pgroups = reduction_groups(p, optimizer.process_group)
             if key is not None:
                 all_keys.setdefault(key, pgroups)
             local_p = local_view(p)
             device = device or local_p.device
-            if local_p.dtype == torch.float64:
-                acc = torch.float64
             grad_view = _local_gradient(optimizer, p, local_p, sharded_opt)
             if grad_view is None:
                 continue
+            if group.get("maximize", False):
+                grad_view = torch.neg(grad_view)  # a new tensor: the .grad stays as it is
             params.append(p)
             local_params.append(local_p)
             local_grads.append(grad_view)
             positions.append(offset + pos)
+            indices.append(pos)
             keys.append(key)
         if params:
             plan = GroupPlan(group=group, params=params, local_params=local_params, local_grads=local_grads)
-            plan.path, plan.kernels = choose_path(group, group_index, [local_params, local_grads])
+            plan.group_index, plan.indices = group_index, indices
+            check_plan_tensors(optimizer, plan)  # the gate: before a path (or kernel) sees a tensor
+            states = state_lists(optimizer, params)
+            plan.path, plan.kernels, plan.why = choose_path(group, group_index, [local_params, local_grads, *states])
             plan.positions, plan.keys = positions, keys
             if scope == "model":
                 plan.scope_ids = [0] * len(params)
@@ -109,6 +117,17 @@ def plan_step(optimizer) -> Tuple[List[GroupPlan], Layout]:
     _check_model_scope_agrees(optimizer, plans)
     signature = (scope, tuple(len(g["params"]) for g in call_groups), tuple(all_keys), optimizer._load_count)
     return plans, Layout(len(hyper_of_scope), hyper_of_scope, all_keys, signature, acc, device)
+
+
+def state_lists(optimizer, params) -> List[List[torch.Tensor]]:
+    """The local views of the state tensors a kernel will touch, one list per state name
+    (only names every parameter already has; state created this step is built like its parameter)."""
+    states = [optimizer.state.get(p) or {} for p in params]
+    return [
+        [local_view(s[name]) for s in states]
+        for name in optimizer.state_tensor_names
+        if all(name in s for s in states)
+    ]
 
 
 def _local_gradient(optimizer, p, local_p, sharded_opt) -> Optional[torch.Tensor]:
@@ -161,24 +180,31 @@ def _check_model_scope_agrees(optimizer, plans: List[GroupPlan]) -> None:
             )
 
 
-def choose_path(group, group_index: int, lists) -> Tuple[Path, Any]:
-    """``(path, kernels)``: which implementation steps this group, decided before anything is mutated.
+def choose_path(group, group_index: int, lists) -> Tuple[Path, Any, str]:
+    """``(path, kernels, why)``: which implementation steps this group, decided before anything is mutated.
 
-    ``fused=None`` (default) takes a compiled kernel set where one accepts the
-    tensors (:func:`hf_am.kernels.select_kernels`): plain C for contiguous
-    float32/float64 CPU tensors (when a C compiler is there), Triton for
-    contiguous float32/bfloat16/float16 CUDA tensors (when Triton is there);
-    otherwise the multi-tensor path, or the per-tensor reference path for
-    ``foreach=False`` and low-precision tensors without kernels.
-    ``fused=True`` insists on the kernels.
+    ``lists``: parallel lists of every tensor the step touches (parameters,
+    gradients, existing state).  ``fused=None`` (default) takes a compiled kernel
+    set where one accepts them (:func:`hf_am.kernels.select_kernels`): plain C for
+    dense float32/float64 CPU tensors (when a C compiler is there), Triton for
+    dense float32/bfloat16/float16 CUDA tensors (when Triton is there); otherwise
+    the multi-tensor path, or the per-tensor reference path for ``foreach=False``
+    and low-precision tensors without kernels.  ``fused=True`` insists on the
+    kernels.  ``why`` says in words why the path was taken.
     """
     fused, foreach = group.get("fused"), group.get("foreach")
+    reason = ""
     if fused is not False and foreach is None:
         kernels, reason = kernel_sets.select_kernels(lists)
         if kernels is not None:
-            return Path.FUSED, kernels
+            return Path.FUSED, kernels, f"the {kernels.NAME} kernels accept every tensor"
         if fused:
             raise RuntimeError(f"fused=True cannot step param group {group_index}: {reason}. Use fused=None to fall back")
-    if foreach is False or is_low_precision([*lists[0], *lists[1]]):
-        return Path.REFERENCE, None
-    return Path.MULTI_TENSOR, None
+        reason = f"compiled kernels declined: {reason}; "
+    elif fused is False:
+        reason = "fused=False; "
+    if foreach is False:
+        return Path.REFERENCE, None, reason + "foreach=False"
+    if is_low_precision([*lists[0], *lists[1]]):
+        return Path.REFERENCE, None, reason + "low-precision tensors take the per-tensor reference path"
+    return Path.MULTI_TENSOR, None, reason + "multi-tensor path"

@@ -16,37 +16,46 @@ from .state import accumulation_dtype
 
 # ----------------------------------------------------------------- AM-AdamW (§6)
 def adamw_sums(grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps):
-    rows, denoms = [], []
+    """Phase 1, reading only: per tensor ``[<d,d>, <g,d>, <g-d,g-d>]`` in the metric ``1/D`` (float64),
+    and for phase 2 each tensor's ``(D, v')`` (``steps``: this step's count, already incremented).
+
+    Each product is formed as ``x * (x / D)``: ``|x| / D`` stays moderate where ``x^2`` alone
+    would overflow float32 (a gradient of 1e19), and the sums accumulate in float64.
+    """
+    rows, scratch = [], []
     for g, m, v, step, prod in zip(grads, exp_avgs, exp_avg_sqs, steps, prods):
         acc = accumulation_dtype(g.dtype)
-        g32, m32, v32 = g.to(acc), m.to(acc), v.to(acc)
-        v32.mul_(beta2).addcmul_(g32, g32, value=1.0 - beta2)
-        v.copy_(v32)
+        g32, m32 = g.to(acc), m.to(acc)
+        v_next = v.to(acc, copy=True).mul_(beta2).addcmul_(g32, g32, value=1.0 - beta2)
         bias_correction2 = 1.0 - beta2 ** step.to(acc)
-        denom = v32.sqrt() / bias_correction2.sqrt() + eps  # D = sqrt(v_hat) + eps
+        denom = v_next.sqrt() / bias_correction2.sqrt() + eps  # D = sqrt(v_hat) + eps
         # Bias-corrected previous momentum; prod == 1 means there is none yet (d = 0).
         d_scale = torch.where(prod < 1, 1.0 / (1.0 - prod), torch.zeros_like(prod))
         d = m32 * d_scale
+        d_over = d / denom
+        diff = g32 - d
         rows.append(
             torch.stack(
                 (
-                    (d * d / denom).sum(),
-                    (g32 * d / denom).sum(),
-                    ((g32 - d) ** 2 / denom).sum(),
+                    (d * d_over).sum(dtype=torch.float64),
+                    (g32 * d_over).sum(dtype=torch.float64),
+                    (diff * (diff / denom)).sum(dtype=torch.float64),
                 )
             )
         )
-        denoms.append(denom)
-    return torch.stack(rows), denoms
+        scratch.append((denom, v_next))
+    return torch.stack(rows), scratch
 
 
-def adamw_update(params, grads, exp_avgs, exp_avg_sqs, denoms, beta_eff, restart, prods_new, *, lr, weight_decay, has_restarts):
-    for i, (p, g, m, denom) in enumerate(zip(params, grads, exp_avgs, denoms)):
+def adamw_update(params, grads, exp_avgs, exp_avg_sqs, scratch, beta_eff, restart, prods_new, *, lr, weight_decay, has_restarts):
+    """Phase 2: store ``v'``, then ``m <- b m + (1 - b) g`` (after a restart's reset) and the AdamW step."""
+    for i, (p, g, m, v, (denom, v_next)) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, scratch)):
         acc = denom.dtype
         b, keep = beta_eff[i].to(acc), (1.0 - restart[i]).to(acc)
         m32 = m.to(acc) * keep * b + (1.0 - b) * g.to(acc)  # a restart forgets the momentum first
         p32 = p.to(acc)
         p32 = p32 * (1.0 - lr * weight_decay) - lr * (m32 / (1.0 - prods_new[i].to(acc))) / denom
+        v.copy_(v_next)
         m.copy_(m32)
         p.copy_(p32)
 
@@ -60,12 +69,13 @@ def decayed_gradients(grads, params, weight_decay):
 
 
 def sgd_sums(grads, buffers):
+    """Per tensor ``[<d,d>, <g,d>, <g-d,g-d>]``, computed in float64 (``d^2`` overflows float32 for
+    ``|d| > 1.8e19``, where SGD itself stays finite)."""
     rows = []
     for g, buf in zip(grads, buffers):
-        acc = accumulation_dtype(g.dtype)
-        g32 = g.to(acc)
-        d = torch.zeros_like(g32) if buf is None else buf.to(acc)
-        rows.append(torch.stack(((d * d).sum(), (g32 * d).sum(), ((g32 - d) ** 2).sum())))
+        g64 = g.to(torch.float64)
+        d = torch.zeros_like(g64) if buf is None else buf.to(torch.float64)
+        rows.append(torch.stack(((d * d).sum(), (g64 * d).sum(), ((g64 - d) ** 2).sum())))
     return torch.stack(rows)
 
 

@@ -8,7 +8,7 @@ resharded (docs/algorithm.md §8, §11).
 from __future__ import annotations
 
 from itertools import chain
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -17,6 +17,7 @@ from .sharding import local_view
 PROD = "am_prod"  # product of the applied coefficients (AM-AdamW bias correction, §6)
 BETA = "am_beta"  # the scope's reported coefficient of the latest step (§9)
 RESTARTS = "am_restarts"  # number of momentum restarts of the scope so far (§7)
+FALLBACKS = "am_fallbacks"  # steps whose sums were not finite, so the coefficient fell back to beta_max (§2)
 PREV_LOSS = "am_prev_loss"  # loss of the previous step (loss_estimate="exact", §3)
 # Param-group keys.
 PREV_LR = "am_prev_lr"  # the previous step's learning rate (§3)
@@ -26,7 +27,8 @@ STATE_FORMAT_KEY = "am_state_format"  # written into every param group of state_
 
 #: Version of the layout of the AM state in ``state_dict()``.  Raise it whenever a
 #: key or its meaning changes, and teach :func:`check_state_format` to convert or refuse.
-STATE_FORMAT = 1
+#: 1: hf_am 0.1.0 (also checkpoints without the key);  2: adds ``am_fallbacks``.
+STATE_FORMAT = 2
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -45,13 +47,15 @@ def new_scalar_state(state: Dict[str, Any], local_p: torch.Tensor) -> None:
     state["step"] = torch.zeros((), dtype=torch.float32, device=local_p.device)
     state[BETA] = torch.zeros((), dtype=acc, device=local_p.device)
     state[RESTARTS] = torch.zeros((), dtype=acc, device=local_p.device)
+    state[FALLBACKS] = torch.zeros((), dtype=acc, device=local_p.device)
 
 
 def check_state_format(state_dict: Dict[str, Any], optimizer_name: str) -> None:
     """Refuse a checkpoint written by a newer hf_am whose AM state this version cannot read.
 
     A checkpoint without the key was written before formats were versioned
-    (hf_am 0.1.0), whose layout is format 1.
+    (hf_am 0.1.0), whose layout is format 1; :func:`restore_scalar_state` upgrades
+    format 1 by adding ``am_fallbacks = 0``.
     """
     for index, group in enumerate(state_dict.get("param_groups", [])):
         version = group.get(STATE_FORMAT_KEY, 1)
@@ -87,3 +91,103 @@ def restore_scalar_state(optimizer: torch.optim.Optimizer, state_dict: Dict[str,
         for key, value in saved.items():
             if isinstance(value, torch.Tensor) and (key.startswith("am_") or key == "step"):
                 optimizer.state[p][key] = value.detach().clone().to(device=device)
+        state = optimizer.state[p]
+        if RESTARTS in state and FALLBACKS not in state:  # format 1
+            state[FALLBACKS] = torch.zeros_like(state[RESTARTS])
+
+
+def _saved_params(state_dict: Dict[str, Any], optimizer) -> List[Tuple[int, int, Any, torch.Tensor]]:
+    """``(group index, index in group, saved id, current parameter)`` in the order torch pairs them."""
+    out = []
+    for gi, (saved, current) in enumerate(zip(state_dict["param_groups"], optimizer.param_groups)):
+        for i, (pid, p) in enumerate(zip(saved["params"], current["params"])):
+            out.append((gi, i, pid, p))
+    return out
+
+
+def check_state_fits(optimizer, state_dict: Dict[str, Any]) -> None:
+    """``ValueError`` at load time for state that does not fit the parameters it would be given to.
+
+    torch's own check covers the number of groups and parameters; this adds the
+    shapes of the per-element state (a state dict of a model with other shapes
+    would otherwise be read out of bounds by the kernels at the next step).
+    """
+    name = type(optimizer).__name__
+    saved_groups, groups = state_dict.get("param_groups", []), optimizer.param_groups
+    if len(saved_groups) != len(groups) or any(len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, groups)):
+        return  # torch's load_state_dict raises its own clear ValueError for this
+    for gi, i, pid, p in _saved_params(state_dict, optimizer):
+        saved = state_dict["state"].get(pid)
+        if not saved:
+            continue
+        tensors = [k for k in optimizer.state_tensor_names if k in saved]
+        if tensors and len(tensors) != len(optimizer.state_tensor_names):
+            missing = sorted(set(optimizer.state_tensor_names) - set(tensors))
+            raise ValueError(f"{name}.load_state_dict: param group {gi}, parameter {i}: the state lacks {missing}")
+        for key in tensors:
+            value = saved[key]
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(p.shape):
+                found = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(
+                    f"{name}.load_state_dict: param group {gi}, parameter {i} has shape {tuple(p.shape)}, but its "
+                    f"state {key!r} has {found}: the state dict belongs to a model with other shapes (or its "
+                    "parameters are in another order). Nothing was loaded"
+                )
+
+
+# Param-group options an AM group has and a torch.optim.AdamW group lacks; taken from the current groups.
+_AM_GROUP_KEYS = ("lam", "beta_min", "restart_threshold", "foreach", "fused", "maximize", INIT_TENSORS, INIT_NUMEL)
+# torch.optim.AdamW options without meaning in AM-AdamW (validated away before they are dropped).
+_ADAMW_ONLY_KEYS = ("amsgrad", "capturable", "differentiable", "decoupled_weight_decay")
+
+
+def adopt_foreign_state(optimizer, state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """A ``torch.optim.AdamW`` state dict made loadable by :class:`hf_am.AMAdamW` (other dicts unchanged).
+
+    Recognised by param groups without ``lam``.  The moments and step counts are
+    kept; each parameter's ``am_prod`` becomes ``beta1 ** step`` (AdamW's bias
+    correction, so the next step continues it), ``am_beta`` becomes ``beta1`` (the
+    coefficient AdamW used), restart and fallback counts start at 0; the AM
+    options come from the optimizer's current param groups.
+    """
+    groups = state_dict.get("param_groups", [])
+    if not groups or all("lam" in g for g in groups):
+        return state_dict
+    name = type(optimizer).__name__
+    if optimizer.beta_max_key != "betas":
+        raise ValueError(
+            f"{name}.load_state_dict: the state dict has no AM settings (param groups without 'lam'): it was written "
+            "by another optimizer. Only torch.optim.AdamW state can be adopted, by hf_am.AMAdamW"
+        )
+    if len(groups) != len(optimizer.param_groups):
+        return state_dict  # torch raises its clear ValueError
+    new_groups = []
+    for gi, (saved, current) in enumerate(zip(groups, optimizer.param_groups)):
+        if "betas" not in saved or "eps" not in saved:
+            raise ValueError(f"{name}.load_state_dict: param group {gi} has neither AM nor AdamW settings ({sorted(saved)})")
+        if saved.get("amsgrad"):
+            raise ValueError(
+                f"{name}.load_state_dict: param group {gi} comes from AdamW(amsgrad=True), whose running maximum of "
+                "the second moment AM-AdamW does not have; resume with torch's AdamW, or start AM-AdamW afresh"
+            )
+        group = {k: v for k, v in saved.items() if k not in _ADAMW_ONLY_KEYS}
+        group.update({k: current[k] for k in _AM_GROUP_KEYS if k in current})
+        new_groups.append(group)
+    new_state: Dict[Any, Any] = {}
+    for gi, i, pid, p in _saved_params({"param_groups": groups, "state": state_dict["state"]}, optimizer):
+        saved = state_dict["state"].get(pid)
+        if not saved:
+            continue
+        if "exp_avg" not in saved or "exp_avg_sq" not in saved or "step" not in saved:
+            raise ValueError(f"{name}.load_state_dict: param group {gi}, parameter {i}: AdamW state without exp_avg, exp_avg_sq and step")
+        acc = accumulation_dtype(local_view(p).dtype)
+        beta1 = float(groups[gi]["betas"][0])
+        step = torch.as_tensor(saved["step"]).detach().to(torch.float32).reshape(())
+        converted = {k: v for k, v in saved.items() if k in ("exp_avg", "exp_avg_sq")}
+        converted["step"] = step.clone()
+        converted[PROD] = torch.tensor(beta1, dtype=torch.float64).pow(step.double()).to(acc)
+        converted[BETA] = torch.tensor(beta1, dtype=acc)
+        converted[RESTARTS] = torch.zeros((), dtype=acc)
+        converted[FALLBACKS] = torch.zeros((), dtype=acc)
+        new_state[pid] = converted
+    return {**state_dict, "param_groups": new_groups, "state": new_state}

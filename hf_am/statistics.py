@@ -14,11 +14,12 @@ from typing import Any, Dict, Hashable, List
 import torch
 
 from .planning import GroupPlan
-from .state import BETA, PREV_LOSS, RESTARTS
+from .state import BETA, FALLBACKS, PREV_LOSS, RESTARTS
 
 
-def record_step(optimizer, plan: GroupPlan, reported: torch.Tensor, restart: torch.Tensor, loss) -> None:
-    """Store the scope's reported coefficient, restart count and (exact mode) the loss in every member's state."""
+def record_step(optimizer, plan: GroupPlan, coefficients, idx: torch.Tensor, restart: torch.Tensor, loss) -> None:
+    """Store the scope's reported coefficient, restart and fallback counts and (exact mode) the loss
+    in every member's state (``idx``: each tensor's scope)."""
     states = [optimizer.state[p] for p in plan.params]
     reps: Dict[Hashable, Dict[str, Any]] = optimizer._scope_reps
     for i, (state, pos) in enumerate(zip(states, plan.positions)):
@@ -26,8 +27,9 @@ def record_step(optimizer, plan: GroupPlan, reported: torch.Tensor, restart: tor
             reps[(id(plan.group), pos)] = state
         elif i == 0:
             reps["model" if optimizer.scope == "model" else id(plan.group)] = state
-    torch._foreach_copy_([s[BETA] for s in states], list(reported.unbind(0)))
+    torch._foreach_copy_([s[BETA] for s in states], list(coefficients.reported.index_select(0, idx).unbind(0)))
     torch._foreach_add_([s[RESTARTS] for s in states], list(restart.unbind(0)))
+    torch._foreach_add_([s[FALLBACKS] for s in states], list(coefficients.fallback.index_select(0, idx).unbind(0)))
     if optimizer.loss_estimate == "exact":
         value = torch.as_tensor(loss).detach()
         for s in states:
@@ -53,27 +55,32 @@ class BetaStatistics:
         return reps[:1] if self.scope == "model" else reps
 
     def beta_summary_tensor(self) -> torch.Tensor:
-        """``[mean, min, max, restarts]`` of the latest step over scopes, on the device, without a host sync.
+        """``[mean, min, max, restarts, fallbacks]`` of the latest step over scopes (float64, on the
+        device, without a host sync).
 
-        ``restarts`` is the total number of momentum restarts so far, summed over
-        scopes.  Accumulate this tensor between logging steps and read it once.
+        ``restarts`` is the total number of momentum restarts so far, ``fallbacks``
+        the total number of scope-steps whose sums were not finite (the coefficient
+        fell back to ``beta_max``), both summed over scopes.  Accumulate this tensor
+        between logging steps and read it once.
         """
         reps = self._scope_states()
         if not reps:
-            return torch.full((4,), math.nan)
-        betas = torch.stack([s[BETA].float() for s in reps])
-        restarts = torch.stack([s[RESTARTS].float() for s in reps]).sum()
-        return torch.stack([betas.mean(), betas.min(), betas.max(), restarts])
+            return torch.full((5,), math.nan, dtype=torch.float64)
+        betas = torch.stack([s[BETA].double() for s in reps])
+        restarts = torch.stack([s[RESTARTS].double() for s in reps]).sum()
+        fallbacks = torch.stack([s[FALLBACKS].double() if FALLBACKS in s else s[RESTARTS].double() * 0 for s in reps]).sum()
+        return torch.stack([betas.mean(), betas.min(), betas.max(), restarts, fallbacks])
 
     def beta_stats(self) -> Dict[str, float]:
         """The latest step's ``beta`` over scopes as Python numbers (synchronises).
 
         Keys: ``beta`` (mean over scopes), ``beta_min``, ``beta_max``, ``restarts``
-        (total momentum restarts so far, summed over scopes).
+        (total momentum restarts so far, summed over scopes) and ``fallbacks``
+        (scope-steps whose sums were not finite, so the coefficient stopped adapting).
         """
         self.check_layout()
-        mean, lo, hi, restarts = self.beta_summary_tensor().tolist()
-        return {"beta": mean, "beta_min": lo, "beta_max": hi, "restarts": restarts}
+        mean, lo, hi, restarts, fallbacks = self.beta_summary_tensor().tolist()
+        return {"beta": mean, "beta_min": lo, "beta_max": hi, "restarts": restarts, "fallbacks": fallbacks}
 
     @property
     def beta(self) -> float:

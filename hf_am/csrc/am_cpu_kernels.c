@@ -12,8 +12,9 @@
  *
  * Plain C, no torch headers: it compiles in about a second.  Work is split over
  * threads by element ranges (pthreads); partial sums are per thread and added in
- * a fixed order, so results are deterministic for a given thread count.  Inner
- * loops accumulate blocks in the parameter precision and add blocks in double.
+ * a fixed order, so results are deterministic for a given thread count.  AdamW's
+ * inner loops form x * (x / D') and accumulate blocks in the parameter precision,
+ * SGD's form products in double; blocks are added in double.
  * Every per-tensor scalar comes in as an array of doubles (read from tensors the
  * caller built on the CPU, so the caller never converts device values).
  */
@@ -64,9 +65,10 @@ typedef void (*RangeFn)(const Work *w, int64_t tensor, int64_t lo, int64_t hi, d
                 T inv = (T)1 / (SQRT(vk) + eps);                                            \
                 T dk = scale * m[k];                                                     \
                 T diff = gk - dk;                                                        \
-                sdd += dk * dk * inv;                                                    \
-                sgd += gk * dk * inv;                                                    \
-                sdiff += diff * diff * inv;                                              \
+                T d_inv = dk * inv; /* x * (x / D'): finite where x * x would overflow */  \
+                sdd += dk * d_inv;                                                       \
+                sgd += gk * d_inv;                                                       \
+                sdiff += diff * (diff * inv);                                            \
             }                                                                            \
             o[0] += sdd; o[1] += sgd; o[2] += sdiff;                                     \
         }                                                                                \
@@ -95,16 +97,17 @@ typedef void (*RangeFn)(const Work *w, int64_t tensor, int64_t lo, int64_t hi, d
 
 /* -------------------------------------------------------------------- AM-SGD */
 /* Phase 1: g' = g + wd x;  sums [d^2, g' d, (g' - d)^2].   a=g b=p c=d, h0=wd. */
+/* Products in double: d * d overflows float32 for |d| > 1.8e19, where SGD itself stays finite. */
 #define SGD_SUMS(T, NAME)                                                                \
     AM_CLONES static void NAME(const Work *w, int64_t i, int64_t lo, int64_t hi, double *o) { \
         const T *g = (const T *)w->a[i], *x = (const T *)w->b[i], *d = (const T *)w->c[i]; \
         const T wd = (T)w->h0;                                                           \
         for (int64_t start = lo; start < hi; start += AM_BLOCK) {                        \
             int64_t stop = start + AM_BLOCK < hi ? start + AM_BLOCK : hi;               \
-            T sdd = 0, sgd = 0, sdiff = 0;                                               \
+            double sdd = 0, sgd = 0, sdiff = 0;                                          \
             _Pragma("omp simd reduction(+ : sdd, sgd, sdiff)")                          \
             for (int64_t k = start; k < stop; ++k) {                                     \
-                T gk = g[k] + wd * x[k], dk = d[k], diff = gk - dk;                      \
+                double gk = (double)(g[k] + wd * x[k]), dk = (double)d[k], diff = gk - dk; \
                 sdd += dk * dk;                                                          \
                 sgd += gk * dk;                                                          \
                 sdiff += diff * diff;                                                    \

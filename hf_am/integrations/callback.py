@@ -19,8 +19,10 @@ from .wrappers import connect_optimizer, find_am_optimizer, wrapper_chain
 #:
 #: * ``am_beta``: mean over the optimizer steps of the logging interval of the step's mean ``beta`` over scopes;
 #: * ``am_beta_min`` / ``am_beta_max``: smallest / largest ``beta`` of any scope in any step of the interval;
-#: * ``am_restarts``: total momentum restarts so far (summed over scopes; 0 unless ``restart_threshold`` is set).
-LOG_KEYS: Tuple[str, ...] = ("am_beta", "am_beta_min", "am_beta_max", "am_restarts")
+#: * ``am_restarts``: total momentum restarts so far (summed over scopes; 0 unless ``restart_threshold`` is set);
+#: * ``am_fallbacks``: total scope-steps so far whose sums were not finite (a NaN/inf gradient), where the
+#:   coefficient fell back to ``beta_max`` instead of adapting (docs/algorithm.md §2, §9).
+LOG_KEYS: Tuple[str, ...] = ("am_beta", "am_beta_min", "am_beta_max", "am_restarts", "am_fallbacks")
 
 
 class _AMCallbackLogic:
@@ -47,7 +49,7 @@ class _AMCallbackLogic:
 
     def _reset(self):
         self._count = 0
-        self._sum = self._min = self._max = self._restarts = None
+        self._sum = self._min = self._max = self._totals = None
 
     def on_init_end(self, args, state, control, **kwargs):
         if optim_value(args.optim) in OPTIMIZER_CLASSES:
@@ -88,15 +90,23 @@ class _AMCallbackLogic:
             self._sum.add_(summary[0])
             torch.minimum(self._min, summary[1], out=self._min)
             torch.maximum(self._max, summary[2], out=self._max)
-        self._restarts = summary[3].clone()
+        self._totals = summary[3:5].clone()  # restarts, fallbacks: running totals
         self._count += 1
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._am is None or logs is None or "loss" not in logs or self._count == 0:
             return
         self._am.check_layout()  # logging synchronises anyway: surface a rank disagreement here
-        mean, lo, hi, restarts = torch.stack([self._sum / self._count, self._min, self._max, self._restarts]).tolist()
-        stats = {"am_beta": mean, "am_beta_min": lo, "am_beta_max": hi, "am_restarts": int(round(restarts))}
+        mean, lo, hi, restarts, fallbacks = torch.cat(
+            [torch.stack([self._sum / self._count, self._min, self._max]), self._totals]
+        ).tolist()
+        stats = {
+            "am_beta": mean,
+            "am_beta_min": lo,
+            "am_beta_max": hi,
+            "am_restarts": int(round(restarts)),
+            "am_fallbacks": int(round(fallbacks)),
+        }
         logs.update(stats)
         history = getattr(state, "log_history", None)
         if history and history[-1].get("step") == state.global_step and history[-1].get("loss") == logs["loss"]:

@@ -56,12 +56,32 @@ class KernelSet(Protocol):
         """``d += weight (g' - d); x += step d``."""
 
 
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill ``numel`` consecutive slots in some order
+    (contiguous, ``channels_last``, a permuted tensor), so a kernel may walk the memory linearly."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes and equal strides wherever a dimension has more than one element."""
+    return a.shape == b.shape and all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
+
+
 def tensor_problem(lists: TensorLists, dtypes: tuple, device_type: str) -> Optional[str]:
     """What keeps a kernel set off these parallel tensor lists, or ``None``.
 
-    Compiled kernels need one dtype out of ``dtypes``, one device of
-    ``device_type`` and contiguous tensors; each set's :meth:`KernelSet.decline`
-    starts with this check.
+    Kernels walk raw memory with one element count per parameter, so every tensor
+    of a parameter (parameter, gradient, each state tensor) must have one dtype out
+    of ``dtypes``, live on one device of ``device_type``, and share one dense memory
+    layout (contiguous, or e.g. ``channels_last`` in all of them).  Each set's
+    :meth:`KernelSet.decline` starts with this check.
     """
     tensors = [t for lst in lists for t in lst]
     if not tensors:
@@ -74,6 +94,15 @@ def tensor_problem(lists: TensorLists, dtypes: tuple, device_type: str) -> Optio
             return f"a tensor on {t.device} (the kernels run on one {device_type} device)"
         if t.dtype != dtype:
             return f"mixed dtypes {dtype} and {t.dtype}"
-        if not t.is_contiguous():
-            return "a non-contiguous tensor"
+    for i, first in enumerate(lists[0]):
+        if not is_dense(first):
+            return f"tensor {i} is a strided view, not dense in memory (shape {tuple(first.shape)}, strides {first.stride()})"
+        for lst in lists[1:]:
+            if len(lst) != len(lists[0]):
+                return "tensor lists of different lengths"
+            if not _same_layout(first, lst[i]):
+                return (
+                    f"tensor {i}: a parameter and its gradient or state differ in shape or memory layout "
+                    f"({tuple(first.shape)} strides {first.stride()} vs {tuple(lst[i].shape)} strides {lst[i].stride()})"
+                )
     return None

@@ -374,7 +374,7 @@ def test_step_never_synchronises(name, path, variant, monkeypatch):
             opt.step()
             summary = opt.beta_summary_tensor()  # documented as sync-free too
         sched.step()
-    assert summary.shape == (4,)
+    assert summary.shape == (5,)
     assert 0.0 <= opt.beta <= 0.9 + 1e-6
 
 
@@ -588,12 +588,23 @@ def test_exact_without_closure_is_a_clear_error_and_changes_nothing():
 
 
 def test_model_scope_rejects_groups_with_different_momentum_settings():
+    """Refused when the groups are given (constructor, add_param_group), naming both groups' settings;
+    and, should a user edit param_groups afterwards, at the step, before anything changes."""
     model = make_model()
     params = list(model.parameters())
-    opt = AMSGD([{"params": params[:2]}, {"params": params[2:], "lam": 0.3}], scope="model")
+    with pytest.raises(ValueError, match=r"param group 1 has \{'lam': 0.3.*param group 0 \{'lam': 0.1.*scope='group'/'tensor'"):
+        AMSGD([{"params": params[:2]}, {"params": params[2:], "lam": 0.3}], scope="model")
+    opt = AMSGD([{"params": params[:2]}], scope="model")
+    with pytest.raises(ValueError, match="param group 1 has"):
+        opt.add_param_group({"params": params[2:], "restart_threshold": 0.5})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": params[2:]})
+    opt.param_groups[1]["lam"] = 0.3
     loss_fn(model, make_batches(1)[0]).backward()
+    before = [p.detach().clone() for p in params]
     with pytest.raises(ValueError, match="must agree"):
         opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, params)) and len(opt.state) == 0
 
 
 # ------------------------------------------------------- 7. clip and restart variants
@@ -661,7 +672,8 @@ def test_beta_statistics_api():
     opt = AMAdamW(model.parameters(), scope="tensor")
     train(model, opt, make_batches(5))
     stats = opt.beta_stats()
-    assert set(stats) == {"beta", "beta_min", "beta_max", "restarts"}
+    assert set(stats) == {"beta", "beta_min", "beta_max", "restarts", "fallbacks"}
+    assert stats["fallbacks"] == 0
     per_scope = opt.betas_per_scope()
     assert per_scope.numel() == len(list(model.parameters()))
     assert stats["beta"] == pytest.approx(per_scope.mean().item())

@@ -57,7 +57,12 @@ def test_the_c_kernel_set_meets_the_interface():
     t = torch.zeros(3)
     assert cpu.decline([[t], [t]]) in (None, f"the CPU kernels are unavailable ({hf_am.kernels.cpu_build.build_error()})")
     assert "dtype torch.bfloat16" in cpu.decline([[t.bfloat16()], [t.bfloat16()]])
-    assert "non-contiguous" in cpu.decline([[torch.zeros(3, 4).t()], [torch.zeros(3, 4).t()]])
+    strided = torch.zeros(3, 8)[:, ::2]
+    assert "strided view, not dense" in cpu.decline([[strided], [strided]])
+    transposed = torch.zeros(3, 4).t()  # dense in another order: the kernels walk it linearly
+    assert "memory layout" in cpu.decline([[transposed], [transposed.contiguous()]])
+    if hf_am.kernels.cpu_build.library() is not None:
+        assert cpu.decline([[transposed], [torch.zeros(3, 4).t()]]) is None
 
 
 def test_the_triton_kernel_set_meets_the_interface():

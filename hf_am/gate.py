@@ -1,0 +1,70 @@
+"""The gate in front of every path: each tensor a step will touch is checked before anything changes.
+
+The compiled kernels (:mod:`hf_am.kernels`) walk raw memory with one element
+count per parameter, so a state tensor of another dtype or size (``model.double()``
+after a few steps, ``load_state_dict`` from a model of other shapes) would be read
+or written out of bounds.  :func:`check_step_tensors` runs for every path, before
+phase 1, so any mismatch is a ``RuntimeError`` naming the parameter (group and
+index), the tensor and what was expected, and a refused step changes nothing.
+
+Cost: a handful of attribute reads per tensor, no device access (no host sync
+on GPUs); measured in ``benchmarks/optimizer_overhead.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sharding import local_view
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, {t.dtype}, on {t.device}"
+
+
+def _mismatch(optimizer, plan, i: int, name: str, found: str, expected: str, hint: str) -> RuntimeError:
+    return RuntimeError(
+        f"{type(optimizer).__name__}.step(): param group {plan.group_index}, parameter {plan.indices[i]} "
+        f"({_describe(plan.local_params[i])}): {name} has {found}, expected {expected}. {hint} "
+        "Nothing was changed by this step."
+    )
+
+
+_STATE_HINT = (
+    "The parameter changed after its state was created (model.to(dtype/device), a replaced .data) or the state was "
+    "loaded from another model: rebuild the optimizer, or load a state_dict of a model with these shapes."
+)
+
+
+def check_plan_tensors(optimizer, plan) -> None:
+    """Raise when a gradient or state tensor of the group ``plan`` (a :class:`hf_am.planning.GroupPlan`)
+    does not fit its parameter; :func:`hf_am.planning.plan_step` calls it before choosing a path."""
+    for i, (p, lp, lg) in enumerate(zip(plan.params, plan.local_params, plan.local_grads)):
+        _check_one(optimizer, plan, i, lp, lg, optimizer.state.get(p))
+
+
+def _check_one(optimizer, plan, i: int, lp: torch.Tensor, lg: torch.Tensor, state) -> None:
+    if lg.shape != lp.shape or lg.dtype != lp.dtype or lg.device != lp.device:
+        raise _mismatch(
+            optimizer, plan, i, "its gradient", _describe(lg), _describe(lp),
+            "A gradient must have its parameter's shape, dtype and device.",
+        )  # fmt: skip
+    if not state:
+        return
+    for name in optimizer.state_tensor_names:
+        t = state.get(name)
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise _mismatch(optimizer, plan, i, f"state {name!r}", type(t).__name__, f"a tensor ({_describe(lp)})", _STATE_HINT)
+        lt = local_view(t)
+        if lt.shape != lp.shape or lt.dtype != lp.dtype or lt.device != lp.device:
+            raise _mismatch(optimizer, plan, i, f"state {name!r}", _describe(lt), _describe(lp), _STATE_HINT)
+    for name in ("step", "am_prod", "am_beta", "am_restarts"):
+        t = state.get(name)
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.is_floating_point():
+            raise _mismatch(optimizer, plan, i, f"state {name!r}", repr(t)[:80], "a one-element floating tensor", _STATE_HINT)
+        if t.device != lp.device:
+            raise _mismatch(optimizer, plan, i, f"state {name!r}", f"device {t.device}", f"device {lp.device}", _STATE_HINT)
