@@ -641,7 +641,7 @@ def slurm_study(args, runs: list[dict], out_dir: Path) -> int | None:
             _slurm.dry_run(args, runs, out_dir, recipe_command, RECIPES_DIR.parent)
             return 0
         _slurm.run_study(args, runs, out_dir, recipe_command, RECIPES_DIR.parent,
-                         check_optims=lambda optims: _slurm.check_optims_parallel(optim_available, optims))
+                         check_optims=lambda optims: _slurm.check_optims(optims, RECIPES_DIR.parent))
     except _slurm.SlurmError as e:
         print(f"[scale_study] error: {e}", file=sys.stderr, flush=True)
         return 2
