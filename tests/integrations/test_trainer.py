@@ -317,6 +317,24 @@ def test_resume_from_checkpoint_is_bit_for_bit(model_dir, tmp_path):
     assert all({"am_prod", "am_beta", "am_restarts"} <= s.keys() for s in ckpt["state"].values())
 
 
+def test_an_adamw_run_resumes_as_am_adamw(model_dir, tmp_path):
+    """--resume_from_checkpoint of an adamw_torch run with --optim am_adamw: the AdamW moments, step
+    counts and bias correction carry over (pinned AM-AdamW then equals AdamW going on), and the
+    resumed run really trains with AM-AdamW."""
+    run = {
+        "name": "switch",
+        "resume_from": 3,
+        "args": {"optim": "adamw_torch", "lr_scheduler_type": "cosine", "warmup_steps": 2},
+        "resume_args": {"optim": "am_adamw", "optim_args": "lam=0,beta_min=0.9"},
+    }
+    got = run_worker(tmp_path, model_dir, [run], launcher="python")["switch"]
+    full, resumed = got["uninterrupted"], got["resumed"]
+    assert resumed["evidence"]["am_class"] == "AMAdamW" and full["steps"] == []
+    assert len(resumed["steps"]) == 3 and all(abs(s[0] - 0.9) < 1e-6 for s in resumed["steps"])
+    diff = max((full["params"][k] - resumed["params"][k]).abs().max().item() for k in full["params"])
+    assert diff <= 1e-6, diff
+
+
 # --------------------------------------------------------------------------- hf_am.run
 def _script_args(model_dir, tmp_path, *extra):
     return [

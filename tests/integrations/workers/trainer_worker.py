@@ -59,7 +59,8 @@ def _recorder_class():
 def run_one(spec: dict, model_dir: str, tmp: str) -> dict:
     """One training run; ``spec`` keys: name, backend (plain|ddp|deepspeed|fsdp2), deepspeed (dict),
     steps, global_batch, args (TrainingArguments overrides), resume_from (step to resume from: trains
-    to ``steps`` saving checkpoints, then trains again from that checkpoint in a fresh Trainer)."""
+    to ``steps`` saving checkpoints, then trains again from that checkpoint in a fresh Trainer, with
+    the overrides ``resume_args``)."""
     from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
     rank, ws = world()
@@ -127,9 +128,11 @@ def run_one(spec: dict, model_dir: str, tmp: str) -> dict:
         trainer, rec = train(args)
         result["uninterrupted"] = {"params": full_parameters(trainer), "steps": rec.steps, "per_scope": rec.per_scope}
         del trainer
-        args = make_args(save_strategy="no")
+        args = make_args(save_strategy="no", **spec.get("resume_args", {}))  # e.g. another --optim
         trainer, rec = train(args, resume=os.path.join(out_dir, f"checkpoint-{k}"))
-        result["resumed"] = {"params": full_parameters(trainer), "steps": rec.steps, "per_scope": rec.per_scope}
+        result["resumed"] = {
+            "params": full_parameters(trainer), "steps": rec.steps, "per_scope": rec.per_scope, "evidence": evidence(trainer),
+        }  # fmt: skip
     else:
         args = make_args()
         trainer, rec = train(args)
