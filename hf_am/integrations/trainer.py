@@ -5,7 +5,9 @@
 
 1. ``am_adamw`` and ``am_sgd`` become members of ``OptimizerNames``, so
    ``TrainingArguments(optim="am_adamw")`` validates and every
-   ``HfArgumentParser`` built *afterwards* offers ``--optim am_adamw``.
+   ``HfArgumentParser`` built *afterwards* offers ``--optim am_adamw``; and
+   ``TrainingArguments.__post_init__`` checks ``--optim_args`` of an AM optimizer, so a bad
+   value fails when the arguments are parsed, before any data is loaded.
 2. ``Trainer.get_optimizer_cls_and_kwargs`` (the static method the Trainer asks
    for its optimizer) answers for these two names and defers to the original
    for every other name.  Trainer flags keep their meaning (``--learning_rate``,
@@ -31,7 +33,7 @@ from typing import Callable, Dict
 import torch
 
 from .callback import callback_class
-from .optim_args import optim_value, optimizer_kwargs_from_args
+from .optim_args import optim_value, optimizer_kwargs_from_args, parse_optim_args, trainer_values_from_args
 
 #: ``--optim`` names this module registers, with their ``OptimizerNames`` member names.
 OPTIMIZER_NAMES: Dict[str, str] = {"am_adamw": "AM_ADAMW", "am_sgd": "AM_SGD"}
@@ -131,6 +133,24 @@ def __getattr__(name):  # ``AMTrainerCallback`` (documented here) is built on fi
 def _on_training_args(module) -> None:
     for value, member_name in OPTIMIZER_NAMES.items():
         _add_enum_member(module.OptimizerNames, member_name, value)
+    _patch_post_init(module.TrainingArguments)
+
+
+def _patch_post_init(args_cls) -> None:
+    """``TrainingArguments(optim="am_adamw", optim_args="lam=-1")`` raises while the arguments are
+    built, before a script loads or tokenizes any data (subclasses inherit the check)."""
+    original = args_cls.__post_init__
+    if getattr(original, "_hf_am_original", None) is not None:
+        return
+
+    @functools.wraps(original)
+    def __post_init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if optim_value(self.optim) in OPTIMIZER_NAMES:
+            parse_optim_args(self.optim, self.optim_args, trainer_values_from_args(self))
+
+    __post_init__._hf_am_original = original
+    args_cls.__post_init__ = __post_init__
 
 
 def _on_trainer(module) -> None:

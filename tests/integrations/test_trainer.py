@@ -164,12 +164,21 @@ def test_optim_args_accept_exactly_what_the_constructor_accepts(optim):
                 assert kwargs[key] == value
 
 
-def test_bad_optim_args_fail_when_the_trainer_is_built(tmp_path):
-    from transformers import Trainer, TrainingArguments
+def test_bad_optim_args_fail_when_the_arguments_are_built(tmp_path):
+    """Before a script loads any data: TrainingArguments itself refuses, and so does the parser."""
+    from transformers import HfArgumentParser, TrainingArguments
 
-    args = TrainingArguments(str(tmp_path), optim="am_adamw", optim_args="scope=layer", use_cpu=True, report_to=[])
     with pytest.raises(ValueError, match="bad value 'layer' for 'scope'"):
-        Trainer(model=tiny_model(), args=args)
+        TrainingArguments(str(tmp_path), optim="am_adamw", optim_args="scope=layer", use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match="bad value '-1' for 'lam'"):
+        TrainingArguments(str(tmp_path), optim="am_sgd", optim_args="lam=-1", use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match=r"bad value '0.95' for 'beta_min'.*beta_max = 0.9"):  # checked against --adam_beta1
+        HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--optim", "am_adamw", "--optim_args", "beta_min=0.95", "--use_cpu"]
+        )
+    args = TrainingArguments(str(tmp_path), optim="am_adamw", optim_args="beta_min=0.95", adam_beta1=0.99, use_cpu=True)
+    assert args.optim_args == "beta_min=0.95"
+    TrainingArguments(str(tmp_path), optim="adamw_torch", optim_args="anything=goes", use_cpu=True)  # not ours
 
 
 # ---------------------------------------------------------------- what the Trainer builds
