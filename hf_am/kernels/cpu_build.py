@@ -1,34 +1,81 @@
 """Build and cache the C kernel library (``hf_am/csrc/am_cpu_kernels.c``); :mod:`hf_am.kernels.cpu` calls it.
 
 The kernels are plain C compiled on first use with the system C compiler (about
-a second), cached under ``$HF_AM_CACHE`` (default ``~/.cache/hf_am``) keyed by
-the source, compiler and flags, and loaded with :mod:`ctypes`.  They cover
+a second), cached in a per-user private directory :func:`cache_dir`
+(``$HF_AM_CACHE/kernels/<user>``, default ``~/.cache/hf_am/kernels/<user>``) keyed
+by the source, compiler and flags, and loaded with :mod:`ctypes`.  They cover
 contiguous float32/float64 CPU tensors, the case where torch's per-op dispatch
 makes the multi-tensor path slow (CPU training, DeepSpeed ZeRO-Offload).
 
 Without a compiler, or with ``HF_AM_CPU_KERNELS=0``, :func:`library` returns
 ``None`` and the optimizers take the multi-tensor path.  The compiler is
 ``$HF_AM_CC``, else ``$CC``, else the first of ``cc``, ``gcc``, ``clang``.
+
+Loading a shared object runs its code with the caller's privileges, and a
+truncated one kills the process with SIGBUS, so the cache follows these rules:
+
+* The private directory is created with mode 0700.  It is used only when it is a
+  real directory (not a symlink), owned by the current user and not writable by
+  group or others; otherwise a RuntimeWarning names it and why, and the kernels
+  are built in a fresh :func:`tempfile.mkdtemp` directory (0700) for this process
+  instead, loaded from there and that directory removed.  The kernels stay on.
+* Each install writes a sidecar ``<name>.so.sha256`` (sha256 of the library's
+  bytes, written to a temporary name and renamed).  Before loading, the library
+  is opened with ``O_NOFOLLOW`` and checked: a regular file, owned by the user,
+  not writable by group or others, and the sha256 of its bytes equal to the
+  sidecar's.  A library failing any check (truncated, corrupted, replaced,
+  symlink, wrong owner or mode, missing or garbled sidecar) is never loaded: a
+  RuntimeWarning says why and it is rebuilt in place.  On Linux the library is
+  loaded through ``/proc/self/fd`` from the very file descriptor whose bytes were
+  hashed; elsewhere by its path inside the 0700 directory.
+* Builds and installs hold an exclusive :func:`fcntl.flock` on
+  ``am_cpu_kernels.lock`` in the private directory (waiting at most
+  ``LOCK_TIMEOUT_S``, then the multi-tensor path with :func:`build_error` saying
+  so), compile to a temporary name and :func:`os.replace` it into place, so
+  ranks starting at once end with one good library.  Because every build holds
+  the lock, temporary files found while holding it were left by a build that was
+  killed, and are removed (by the next build, or by the next load that finds the
+  lock free).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
+import hmac
 import os
 import platform
 import shutil
+import stat
 import subprocess
+import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "am_cpu_kernels.c"
 FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-pthread"]
+PREFIX = "am_cpu_kernels"
+LOCK_NAME = f"{PREFIX}.lock"
+LOCK_TIMEOUT_S = 300.0  # how long a process waits for another's build before giving up
+_DIGEST_MAX = 4096  # bytes read from a sidecar file
 
 _lock = threading.Lock()
-_state = {"tried": False, "lib": None, "error": None}
+_state = {"tried": False, "lib": None, "error": None, "path": None}
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+
+class _Unsafe(Exception):
+    """A cache path that must not be used (the message says why)."""
+
+
+class _NoLock(Exception):
+    """The cache's file system does not support flock."""
 
 
 def compiler() -> Optional[str]:
@@ -42,8 +89,30 @@ def compiler() -> Optional[str]:
     return None
 
 
+def _user() -> str:
+    """The private directory's name: the user name when it is a plain one, else the numeric uid."""
+    uid = os.geteuid()
+    try:
+        import pwd
+
+        name = pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        name = ""
+    if name and name not in (".", "..") and all(c.isalnum() or c in "._-" for c in name):
+        return name
+    return str(uid)
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("HF_AM_CACHE") or Path.home() / ".cache" / "hf_am") / "kernels"
+    """The per-user private directory the kernel library is cached in:
+    ``$HF_AM_CACHE/kernels/<user>`` (default ``~/.cache/hf_am/kernels/<user>``).
+
+    The directory is created (mode 0700) on first build.  When it turns out to be
+    unsafe (a symlink, owned by someone else, writable by group or others) the
+    library is built in a temporary directory instead; see the module docstring.
+    """
+    root = Path(os.environ.get("HF_AM_CACHE") or Path.home() / ".cache" / "hf_am")
+    return root / "kernels" / _user()
 
 
 def build_error() -> Optional[str]:
@@ -70,6 +139,287 @@ def library() -> Optional[ctypes.CDLL]:
     return _state["lib"]
 
 
+def _warn(message: str) -> None:
+    warnings.warn(f"hf_am: {message}", RuntimeWarning, stacklevel=4)
+
+
+def _problem(st: os.stat_result, kind: str) -> Optional[str]:
+    """Why a file or directory with this (l)stat must not be trusted, or ``None``."""
+    want = stat.S_ISDIR if kind == "directory" else stat.S_ISREG
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not want(st.st_mode):
+        return f"is not a {'directory' if kind == 'directory' else 'regular file'}"
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not by the current user (uid {os.geteuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _open_private_dir(path: Path) -> int:
+    """An ``O_DIRECTORY`` descriptor of the private directory, creating it 0700; raises :class:`_Unsafe`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    created = False
+    try:
+        os.mkdir(path, 0o700)
+        created = True
+    except FileExistsError:
+        pass
+    try:
+        before = os.lstat(path)
+    except FileNotFoundError as exc:  # removed between the mkdir and here
+        raise _Unsafe(f"{path} vanished while being opened") from exc
+    if stat.S_ISLNK(before.st_mode):
+        raise _Unsafe(f"{path} is a symbolic link")
+    try:
+        fd = os.open(path, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC)
+    except OSError as exc:
+        raise _Unsafe(f"{path} cannot be opened ({exc.strerror})") from exc
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
+            raise _Unsafe(f"{path} was replaced while being opened")
+        if created and st.st_uid == os.geteuid():
+            os.fchmod(fd, 0o700)  # explicit: the mode given to mkdir is only narrowed by the umask
+            st = os.fstat(fd)
+        why = _problem(st, "directory")
+        if why:
+            raise _Unsafe(f"{path} {why}")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_fd(fd: int, limit: Optional[int] = None) -> bytes:
+    chunks, total = [], 0
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if limit is not None and total > limit:
+            raise ValueError("too large")
+
+
+def _open_checked(dfd: int, name: str) -> Tuple[int, os.stat_result]:
+    """Open ``name`` in the directory ``dfd`` read-only without following links; raise :class:`_Unsafe`
+    (or FileNotFoundError) unless it is a regular file owned by the user and not group/other-writable."""
+    before = os.stat(name, dir_fd=dfd, follow_symlinks=False)  # FileNotFoundError: not there
+    why = _problem(before, "file")
+    if why:
+        raise _Unsafe(why)
+    try:
+        fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=dfd)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise _Unsafe("is a symbolic link" if exc.errno == errno.ELOOP else f"cannot be opened ({exc.strerror})") from exc
+    st = os.fstat(fd)
+    why = _problem(st, "file")
+    if why is None and (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
+        why = "was replaced while being opened"
+    if why:
+        os.close(fd)
+        raise _Unsafe(why)
+    return fd, st
+
+
+def _recorded_digest(dfd: int, name: str) -> str:
+    """The sha256 recorded in ``<name>.sha256``; raises :class:`_Unsafe` when missing, unsafe or garbled."""
+    side = f"{name}.sha256"
+    try:
+        fd, _ = _open_checked(dfd, side)
+    except FileNotFoundError as exc:
+        raise _Unsafe(f"has no digest file {side}") from exc
+    except _Unsafe as exc:
+        raise _Unsafe(f"has a digest file {side} that {exc}") from exc
+    try:
+        text = _read_fd(fd, _DIGEST_MAX)
+    except ValueError as exc:
+        raise _Unsafe(f"has a garbled digest file {side}") from exc
+    finally:
+        os.close(fd)
+    fields = text.split()
+    digest = fields[0].decode("ascii", "replace").lower() if fields else ""
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise _Unsafe(f"has a garbled digest file {side}")
+    return digest
+
+
+def _verified(dfd: int, name: str) -> int:
+    """A descriptor of the library ``name`` whose bytes match its recorded digest; raises
+    FileNotFoundError when it is not there, :class:`_Unsafe` saying why it must not be loaded."""
+    fd, st = _open_checked(dfd, name)  # FileNotFoundError propagates to the caller
+    try:
+        data = _read_fd(fd)
+        if len(data) != st.st_size:
+            raise _Unsafe(f"changed size while being read ({st.st_size} -> {len(data)} bytes)")
+        expected = _recorded_digest(dfd, name)
+        actual = hashlib.sha256(data).hexdigest()
+        if not hmac.compare_digest(actual, expected):
+            raise _Unsafe(f"does not match its digest ({len(data)} bytes, sha256 {actual[:12]}..., recorded {expected[:12]}...): truncated, corrupted or replaced")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_existing(dfd: int, name: str) -> Tuple[Optional[int], Optional[str]]:
+    """``(fd, None)`` for a good cached library, ``(None, None)`` when there is none, ``(None, why)`` when bad."""
+    try:
+        return _verified(dfd, name), None
+    except FileNotFoundError:
+        return None, None
+    except _Unsafe as exc:
+        return None, str(exc)
+
+
+def _flock(dfd: int, where: Path) -> int:
+    """Hold an exclusive flock on the lock file in ``dfd`` (waiting at most LOCK_TIMEOUT_S)."""
+    import fcntl
+
+    fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o600, dir_fd=dfd)
+    try:
+        why = _problem(os.fstat(fd), "file")
+        if why:
+            raise _Unsafe(f"{where / LOCK_NAME} {why}")
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"waited {LOCK_TIMEOUT_S:.0f} s for {where / LOCK_NAME}, held by another build"
+                    ) from None
+                time.sleep(0.05)
+            except OSError as exc:  # ENOLCK, EOPNOTSUPP, ...: a file system without flock
+                raise _NoLock(f"{where / LOCK_NAME} cannot be locked ({exc.strerror})") from exc
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _is_temp(entry: str) -> bool:
+    return entry.startswith(PREFIX + "-") and (entry.endswith(".tmp.so") or entry.endswith(".tmp"))
+
+
+def _remove_stale_temps(dfd: int) -> None:
+    """Remove the temporary files of killed builds (called holding the lock, so none is live)."""
+    for entry in os.listdir(dfd):
+        if _is_temp(entry):
+            try:
+                if not stat.S_ISDIR(os.stat(entry, dir_fd=dfd, follow_symlinks=False).st_mode):
+                    os.unlink(entry, dir_fd=dfd)
+            except FileNotFoundError:
+                pass
+
+
+def _clean_if_idle(dfd: int, where: Path) -> None:
+    """Remove stale temporary files when no build holds the lock (never waits; best effort)."""
+    import fcntl
+
+    try:
+        fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o600, dir_fd=dfd)
+    except OSError:
+        return
+    try:
+        if _problem(os.fstat(fd), "file") is None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _remove_stale_temps(dfd)
+    except OSError:
+        pass  # a build is running (it cleans up itself), or no flock here
+    finally:
+        os.close(fd)
+
+
+def _write_digest(dfd: int, name: str, digest: str, token: str) -> None:
+    side = f"{name}.sha256"
+    tmp = f"{side}.{token}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600, dir_fd=dfd)
+    try:
+        os.write(fd, f"{digest}  {name}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, side, src_dir_fd=dfd, dst_dir_fd=dfd)
+
+
+def _build(cc: str, where: Path, dfd: int, name: str) -> int:
+    """Compile into ``where`` (descriptor ``dfd``) under a temporary name, record its digest and install
+    it as ``name``; returns a descriptor of the installed file, whose bytes are the ones hashed."""
+    token = f"{os.getpid()}-{os.urandom(4).hex()}"
+    tmp = f"{name[: -len('.so')]}.{token}.tmp.so"
+    try:
+        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(where / tmp), "-lm"], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
+        try:
+            fd = os.open(tmp, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=dfd)
+        except OSError as exc:
+            raise RuntimeError(f"{cc} left no readable output {where / tmp} ({exc.strerror})") from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                raise _Unsafe(f"{where / tmp} is not a regular file of the current user")
+            os.fchmod(fd, 0o700)  # gcc's 0777 & ~umask can be group-writable (umask 002)
+            data = _read_fd(fd)
+            if len(data) != st.st_size or (platform.system() == "Linux" and not data.startswith(b"\x7fELF")):
+                raise RuntimeError(f"{cc} wrote an incomplete library {where / tmp} ({len(data)} bytes)")
+            os.fsync(fd)
+            # Install the digest first: a process killed between the two renames leaves a pair that
+            # does not match, which the next run rebuilds.
+            _write_digest(dfd, name, hashlib.sha256(data).hexdigest(), token)
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+    finally:
+        try:
+            os.unlink(tmp, dir_fd=dfd)
+        except FileNotFoundError:
+            pass
+
+
+def _dlopen(fd: int, path: Path) -> ctypes.CDLL:
+    """Load the library open as ``fd`` (whose bytes were verified): through ``/proc/self/fd`` on
+    Linux, so that exactly that file is mapped, else by its path inside the private directory."""
+    proc = f"/proc/self/fd/{fd}"
+    if platform.system() == "Linux" and os.path.exists(proc):
+        return ctypes.CDLL(proc)
+    return ctypes.CDLL(str(path))
+
+
+def _obtain(cc: str, where: Path, dfd: int, name: str, shared: bool) -> ctypes.CDLL:
+    """Load the verified library ``name`` from the directory ``dfd``, (re)building it when missing or bad."""
+    fd, why = _check_existing(dfd, name)
+    if fd is not None and any(_is_temp(entry) for entry in os.listdir(dfd)):
+        _clean_if_idle(dfd, where)  # a killed build's leftovers next to a good library
+    if fd is None:
+        lock = _flock(dfd, where)
+        try:
+            fd, why_now = _check_existing(dfd, name)  # another rank may have just built it
+            if fd is None:
+                why = why_now  # None: it went missing, nothing to warn about
+                if why and shared:
+                    _warn(f"not loading the cached CPU kernel library {where / name}: it {why}; rebuilding it")
+                _remove_stale_temps(dfd)
+                fd = _build(cc, where, dfd, name)
+        finally:
+            os.close(lock)  # releases the flock
+    try:
+        lib = _dlopen(fd, where / name)
+    finally:
+        os.close(fd)
+    _state["path"] = str(where / name)
+    return lib
+
+
 def _load() -> Optional[ctypes.CDLL]:
     if os.environ.get("HF_AM_CPU_KERNELS", "1") == "0":
         raise RuntimeError("disabled by HF_AM_CPU_KERNELS=0")
@@ -80,16 +430,35 @@ def _load() -> Optional[ctypes.CDLL]:
     key = hashlib.sha256(
         b"\0".join([SOURCE.read_bytes(), cc.encode(), version.encode(), " ".join(FLAGS).encode(), platform.machine().encode()])
     ).hexdigest()[:16]
-    target = cache_dir() / f"am_cpu_kernels-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{target.stem}.{os.getpid()}.{threading.get_ident()}.tmp.so")
-        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)  # atomic: ranks building at once each install a complete file
-    lib = ctypes.CDLL(str(target))
+    name = f"{PREFIX}-{key}.so"
+    where = cache_dir()
+    try:
+        dfd = _open_private_dir(where)
+    except _Unsafe as exc:
+        _warn(f"not using the kernel cache: {exc}; building the CPU kernels in a private temporary directory")
+        dfd = None
+    except OSError as exc:  # e.g. a read-only cache, or a team directory another user created 0755
+        _warn(f"cannot create the kernel cache {where} ({exc.strerror or exc}); building the CPU kernels in a private temporary directory")
+        dfd = None
+    lib = None
+    if dfd is not None:
+        try:
+            lib = _obtain(cc, where, dfd, name, shared=True)
+        except (_NoLock, _Unsafe) as exc:
+            _warn(f"not using the kernel cache: {exc}; building the CPU kernels in a private temporary directory")
+        finally:
+            os.close(dfd)
+    if lib is None:
+        scratch = Path(tempfile.mkdtemp(prefix="hf_am-kernels-"))  # 0700, owned by the user
+        try:
+            os.chmod(scratch, 0o700)
+            dfd = _open_private_dir(scratch)
+            try:
+                lib = _obtain(cc, scratch, dfd, name, shared=False)
+            finally:
+                os.close(dfd)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)  # the mapping outlives the file
     i64, ptr, dbl = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
     head = [ctypes.c_int, ctypes.c_int, i64, ptr]  # dtype bits, threads, n, numel
     lib.am_adamw_sums.argtypes = head + [ptr, ptr, ptr, dbl, ptr, ptr, ptr]
