@@ -7,6 +7,8 @@ every Trainer.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Tuple
 
 import torch
@@ -14,6 +16,8 @@ import torch
 from .deepspeed import prepare_deepspeed_config, uses_deepspeed
 from .optim_args import OPTIMIZER_CLASSES, optim_value, parse_optim_args, trainer_values_from_args
 from .wrappers import connect_optimizer, find_am_optimizer, wrapper_chain
+
+logger = logging.getLogger(__name__)
 
 #: Keys added to every training log entry (``Trainer.state.log_history`` and every ``report_to``):
 #:
@@ -25,13 +29,43 @@ from .wrappers import connect_optimizer, find_am_optimizer, wrapper_chain
 LOG_KEYS: Tuple[str, ...] = ("am_beta", "am_beta_min", "am_beta_max", "am_restarts", "am_fallbacks")
 
 
+def check_launch_is_distributed(args) -> None:
+    """Refuse a multi-process launch in which the Trainer is not distributed.
+
+    ``torchrun``/``accelerate launch`` start several processes (``WORLD_SIZE`` > 1), but on CPU
+    ``TrainingArguments`` without ``--use_cpu`` sets up no distributed training: every process
+    would train its own copy of the model on the whole data and exit 0.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and args.world_size == 1:
+        raise RuntimeError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}), but the Trainer is not distributed "
+            f"(TrainingArguments.world_size == 1): each process would train its own copy. On CPU add --use_cpu to "
+            "the script's arguments, or launch through `python -m hf_am.run` / `-m hf_am.run`, which sets "
+            "ACCELERATE_USE_CPU=true for CPU multi-process launches; on GPUs check that every process sees a device"
+        )
+
+
+def _warn_if_deepspeed_was_dropped(optimizer) -> None:
+    """accelerate asked for DeepSpeed, but the optimizer runs without it (accelerate on CPU without
+    ``use_cpu: true`` in the DeepSpeed config trains plain DDP): still exact, but say so."""
+    from .wrappers import is_deepspeed_wrapped
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not is_deepspeed_wrapped(optimizer):
+        logger.warning(
+            "hf_am: the accelerate config asks for DeepSpeed, but training runs without it (on CPU accelerate "
+            "trains plain DDP unless the config has use_cpu: true); the AM sums are exact for the engine that runs"
+        )
+
+
 class _AMCallbackLogic:
     """The body of :class:`AMTrainerCallback` (which adds ``transformers.TrainerCallback`` as a base).
 
     Joins every Trainer (via ``DEFAULT_CALLBACKS``); does nothing unless the optimizer is an AM optimizer.
 
-    * ``on_init_end``: validates ``--optim_args`` and the DeepSpeed config (see
-      :func:`prepare_deepspeed_config`) as soon as the Trainer exists.
+    * ``on_init_end``: validates ``--optim_args``, refuses a multi-process launch in which the
+      Trainer is not distributed (:func:`check_launch_is_distributed`) and checks the DeepSpeed
+      config (see :func:`prepare_deepspeed_config`) as soon as the Trainer exists.
     * ``on_train_begin``: finds the AM optimizer inside the wrappers; when
       ``--optim am_*`` was requested and the optimizer in use is something else,
       raises instead of training silently with it.  Then :func:`connect_optimizer`
@@ -54,6 +88,7 @@ class _AMCallbackLogic:
     def on_init_end(self, args, state, control, **kwargs):
         if optim_value(args.optim) in OPTIMIZER_CLASSES:
             parse_optim_args(args.optim, args.optim_args, trainer_values_from_args(args))
+            check_launch_is_distributed(args)
             if uses_deepspeed(args):
                 prepare_deepspeed_config(args)
 
@@ -71,6 +106,7 @@ class _AMCallbackLogic:
                     "optimizer passed to Trainer(optimizers=...) overrides --optim."
                 )
             return
+        _warn_if_deepspeed_was_dropped(optimizer)
         connect_optimizer(model, optimizer)
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):

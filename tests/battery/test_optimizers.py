@@ -555,8 +555,8 @@ def _probe_kernels(tmp_path, **env):
 def test_kernels_build_once_and_are_cached(tmp_path):
     first = _probe_kernels(tmp_path)
     assert first["LIB"] == "True", first
-    built = list((tmp_path / "kernels").glob("*.so"))
-    assert len(built) == 1 and not list((tmp_path / "kernels").glob("*.tmp.so"))
+    built = list((tmp_path / "kernels").glob("*/*.so"))
+    assert len(built) == 1 and not list((tmp_path / "kernels").glob("*/*.tmp.so"))
     mtime = built[0].stat().st_mtime_ns
     second = _probe_kernels(tmp_path)
     assert second["LIB"] == "True"

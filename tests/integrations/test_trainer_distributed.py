@@ -251,6 +251,61 @@ def test_unmodified_script_under_accelerate_launch_ddp(model_dir, reference, tmp
     assert max_param_diff(got["params"], reference["tensor"]["params"]) <= 1e-6
 
 
+def _script_command(model_dir, results, out, *extra):
+    return [
+        "-m", "hf_am.run", SCRIPT, "--model_dir", model_dir, "--results", results, "--output_dir", out,
+        "--optim", "am_adamw", "--optim_args", "lam=0.1,scope=tensor", "--weight_decay", "0.1",
+        "--learning_rate", "5e-3", "--max_steps", "6", "--per_device_train_batch_size", "2",
+        "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--seed", "0",
+        "--disable_tqdm", "true", *extra,
+    ]  # fmt: skip
+
+
+def test_torchrun_of_an_unmodified_script_without_use_cpu_is_distributed(model_dir, reference, tmp_path):
+    """The documented ``torchrun --standalone --nproc_per_node 2 -m hf_am.run script.py`` on CPU, with no
+    --use_cpu: hf_am.run makes the Trainer distributed (before, each rank trained its own copy)."""
+    results = os.path.join(str(tmp_path), "results.pt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *_script_command(model_dir, results, str(tmp_path / "out"))]  # fmt: skip
+    out = run_command(cmd, timeout=300)
+    assert "setting ACCELERATE_USE_CPU=true" in out
+    got = torch.load(results, weights_only=False)
+    assert got["evidence"]["world_size"] == 2 and got["evidence"]["model_wrapped"] == "DistributedDataParallel"
+    from trainer_harness import max_param_diff
+
+    assert max_param_diff(got["params"], reference["tensor"]["params"]) <= 1e-6
+
+
+def test_a_multi_process_launch_that_is_not_distributed_is_refused(model_dir, tmp_path):
+    """Two processes, Trainer not distributed (ACCELERATE_USE_CPU=false stands for a script that
+    forgot --use_cpu): the AM callback stops before the first step, naming the flag."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *_script_command(model_dir, os.path.join(str(tmp_path), "r.pt"), str(tmp_path / "out"))]  # fmt: skip
+    with pytest.raises(AssertionError) as info:
+        run_command(cmd, timeout=300, env=subprocess_env(ACCELERATE_USE_CPU="false"))
+    assert "2 processes were launched (WORLD_SIZE=2), but the Trainer is not distributed" in str(info.value)
+    assert "add --use_cpu" in str(info.value)
+    assert not os.path.exists(os.path.join(str(tmp_path), "r.pt"))
+
+
+def test_readme_deepspeed_launch_runs_from_any_directory(model_dir, reference, tmp_path):
+    """``accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml --num_processes 2 -m hf_am.run``
+    from a directory other than the repository root: the yaml finds its DeepSpeed JSON, and on CPU the run
+    is distributed (accelerate trains DDP there) and exact."""
+    results = os.path.join(str(tmp_path), "results.pt")
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        os.path.join(REPO, "accelerate_configs", "deepspeed_zero2.yaml"), "--num_processes", "2",
+        "--main_process_port", str(free_port()), *_script_command(model_dir, results, str(tmp_path / "out")),
+    ]  # fmt: skip
+    run_command(cmd, timeout=300, cwd=str(tmp_path))
+    got = torch.load(results, weights_only=False)
+    assert got["evidence"]["world_size"] == 2
+    from trainer_harness import max_param_diff
+
+    assert max_param_diff(got["params"], reference["tensor"]["params"]) <= 1e-6
+
+
 def test_fsdp1_use_orig_params_is_wired_by_the_callback(model_dir, tmp_path):
     """FSDP1 cannot run under the Trainer on CPU (accelerate falls back to DDP there), so a real
     ``FullyShardedDataParallel`` (use_orig_params=True, one unit per decoder layer) is driven by a plain
