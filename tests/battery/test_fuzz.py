@@ -28,21 +28,52 @@ from fuzz_worker import OPTS, PATHS, case_spec
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("fuzz_worker.py")
 N_WORKERS = 2
-N_CASES = int(os.environ.get("HF_AM_FUZZ_CASES", "300"))
+N_CASES = int(os.environ.get("HF_AM_FUZZ_CASES", "450"))
 TIME_LIMIT_S = 120.0  # the issue's budget on 2 CPU cores (all workers, their starts and restarts)
 WORKER_TIMEOUT_S = 240.0  # a worker running longer than this is killed: its case counts as a hang
 
-#: Bad outcomes of hf_am bugs reported to the lead and not fixed yet: ``kind`` and a substring of the
-#: variant or of a reason.  A matching ``bad`` outcome is printed, not failed.  Empty this list as
-#: the bugs are fixed (each entry names the bug of the fuzz report).
-KNOWN_ISSUES: list = []
+#: Bad outcomes of hf_am bugs reported to the lead (the fuzz report, B1..B9 and C1) and not fixed
+#: yet.  An entry matches a ``bad`` outcome by ``kind`` and, where given, ``variant`` (a prefix) and
+#: ``reason`` (a substring of one reason); a matching outcome is printed, not failed.  Remove each
+#: entry when its bug is fixed (the test then fails if the bug is back).
+KNOWN_ISSUES: list = [
+    {"issue": "B1 group option written after construction fails in phase 2 after earlier groups were updated",
+     "kind": "group_mutation", "reason": "and changed:"},
+    {"issue": "B2 missing scalar state ('step', 'am_prod') is not checked by the gate (KeyError; AMSGD after the update)",
+     "kind": "state_misuse", "variant": "delete_step"},
+    {"issue": "B2", "kind": "state_misuse", "variant": "delete_prod"},
+    {"issue": "B3 a state tensor set to None gives AttributeError from the kernel selection",
+     "kind": "state_misuse", "variant": "none", "reason": "'NoneType' object has no attribute"},
+    {"issue": "B4 an expanded (zero-stride) parameter fails in phase 2 after other parameters were updated",
+     "kind": "layout", "reason": "more than one element of the written-to tensor"},
+    {"issue": "B6 an AMSGD state dict loads into AMAdamW (KeyError 'betas' at the step)", "kind": "load_state", "variant": "other_am"},
+    {"issue": "B5 load_state_dict accepts param-group options the constructor refuses",
+     "kind": "load_state", "reason": "options the constructor refuses"},
+    {"issue": "B7 load_state_dict of a non-dict / a dict without 'state': AttributeError/KeyError (as torch)",
+     "kind": "load_state", "variant": "string"},
+    {"issue": "B7", "kind": "load_state", "variant": "no_state"},
+    {"issue": "B7", "kind": "load_state", "variant": "none", "reason": "'NoneType' object has no attribute 'get'"},
+    {"issue": "B8 a meta-device tensor lr is RuntimeError, not ValueError, at construction", "kind": "device", "variant": "meta_lr"},
+    {"issue": "B8 a huge int hyperparameter (10**400) is OverflowError, not ValueError", "kind": "hyper", "reason": "OverflowError"},
+    {"issue": "B8", "kind": "groups", "reason": "OverflowError"},
+    {"issue": "B9 AMSGD fused/foreach: d += w*(g'-d) overflows float32 near finfo.max where torch SGD stays finite",
+     "kind": "grad_values", "reason": "non-finite where torch's SGD stays finite"},
+    {"issue": "C1 cache: a directory or symlink at the library/lock path turns the kernels off instead of a private rebuild",
+     "kind": "cache", "variant": "lib_is_dir"},
+    {"issue": "C1", "kind": "cache", "variant": "lock_is_dir"},
+    {"issue": "C1", "kind": "cache", "variant": "lock_symlink"},
+]
 
 
 def _known(result) -> str:
-    text = " ".join([result.get("variant", "")] + result.get("reasons", []))
     for issue in KNOWN_ISSUES:
-        if issue["kind"] == result["kind"] and issue["match"] in text:
-            return issue["issue"]
+        if issue["kind"] != result["kind"]:
+            continue
+        if "variant" in issue and not result.get("variant", "").startswith(issue["variant"]):
+            continue
+        if "reason" in issue and not any(issue["reason"] in r for r in result.get("reasons", [])):
+            continue
+        return issue["issue"]
     return ""
 
 
