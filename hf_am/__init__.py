@@ -18,6 +18,7 @@ from .planning import Path
 __version__ = "0.1.0"
 __all__ = [
     "AMAdamW",
+    "attach",
     "AMSGD",
     "AMOptimizer",
     "Hyperparameters",
@@ -26,6 +27,14 @@ __all__ = [
     "effective_momentum",
     "param_groups_per_tensor",
 ]
+
+
+def attach(obj, model=None):
+    """Wire the AM optimizer inside a DeepSpeed engine / accelerate-prepared optimizer (and an FSDP1
+    ``model``) to the group that shards its state: see :func:`hf_am.integrations.wrappers.attach`."""
+    from .integrations.wrappers import attach as _attach
+
+    return _attach(obj, model=model)
 
 
 def _register_trainer_integration() -> None:

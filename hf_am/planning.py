@@ -146,8 +146,16 @@ def _local_gradient(optimizer, p, local_p, sharded_opt) -> Optional[torch.Tensor
 
 
 def _check_groups_whole(optimizer, call_groups, sharded_opt) -> None:
-    """Under a flat partition (``process_group``), refuse scopes a wrapper split across step() calls."""
+    """Refuse param groups that a wrapper flattened or sharded behind the optimizer's back.
+
+    Without ``process_group`` every tensor must be whole: DeepSpeed (``deepspeed.initialize``,
+    accelerate's DeepSpeed plugin) replaces each group's tensors with one flat partition per rank,
+    and FSDP1 marks its flat parameters; summed locally, each rank would compute its own
+    coefficient.  Under a flat partition (``process_group`` set), refuse scopes a wrapper split
+    across step() calls.
+    """
     if not sharded_opt:
+        _check_not_sharded_unseen(optimizer, call_groups)
         return
     if optimizer.scope == "model":
         missing = optimizer._init_num_groups - sum(1 for g in call_groups if g["params"] or not g[INIT_TENSORS])
@@ -165,6 +173,34 @@ def _check_groups_whole(optimizer, call_groups, sharded_opt) -> None:
                     f"{group_index} had {group[INIT_TENSORS]} tensors and now holds {len(group['params'])} "
                     "(DeepSpeed ZeRO flattened them). Build the optimizer with hf_am.param_groups_per_tensor(...)"
                 )
+
+
+_ATTACH_HINT = (
+    "Call hf_am.attach(engine_or_optimizer, model=None) once after deepspeed.initialize / accelerator.prepare "
+    "(pass model= for FSDP1), which wires the optimizer to the group that shards its state; the Trainer does "
+    "this by itself"
+)
+
+
+def _check_not_sharded_unseen(optimizer, call_groups) -> None:
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    for index, group in enumerate(call_groups):
+        params = group["params"]
+        if len(params) != group[INIT_TENSORS]:
+            raise RuntimeError(
+                f"{type(optimizer).__name__}: param group {index} had {group[INIT_TENSORS]} tensors when it was added "
+                f"and holds {len(params)} now: a wrapper (DeepSpeed ZeRO) flattened or partitioned it, and no "
+                f"reduction group is set, so every rank would compute its own coefficient. {_ATTACH_HINT}. "
+                "Nothing was changed by this step."
+            )
+        if distributed and any(getattr(p, "_fsdp_flattened", False) for p in params):
+            raise RuntimeError(
+                f"{type(optimizer).__name__}: param group {index} holds FSDP1-sharded parameters (FullyShardedDataParallel "
+                f"flattened them) and no reduction group is set, so every rank would compute its own coefficient. "
+                f"{_ATTACH_HINT}. Nothing was changed by this step."
+            )
 
 
 def _check_model_scope_agrees(optimizer, plans: List[GroupPlan]) -> None:

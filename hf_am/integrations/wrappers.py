@@ -42,6 +42,28 @@ def is_deepspeed_wrapped(optimizer) -> bool:
     )
 
 
+def attach(obj, model=None) -> torch.optim.Optimizer:
+    """Make the AM optimizer inside ``obj`` exact under the backend that shards its parameters; return it.
+
+    Call it once after ``deepspeed.initialize`` (pass the engine or its optimizer) or after
+    ``accelerator.prepare`` (pass the prepared optimizer, and ``model=`` the prepared model when it
+    is FSDP1) in a custom training loop; the Trainer does the same by itself.  DDP, FSDP2 and
+    one-process runs need nothing (calling it is harmless).  Without it, a step on parameters
+    that DeepSpeed or FSDP1 sharded raises instead of training with a per-rank coefficient.
+    """
+    am = find_am_optimizer(obj)
+    if am is None:
+        chain = " -> ".join(type(o).__name__ for o in wrapper_chain(obj))
+        raise TypeError(f"hf_am.attach: no hf_am.AMOptimizer found by following .optimizer/.engine from {chain}")
+    if model is None and any(getattr(p, "_fsdp_flattened", False) for g in am.param_groups for p in g["params"]):
+        if not is_deepspeed_wrapped(obj):
+            raise ValueError(
+                "hf_am.attach: the optimizer holds FSDP1-sharded parameters; pass the FSDP-wrapped model too: "
+                "hf_am.attach(optimizer, model=model)"
+            )
+    return connect_optimizer(model, obj)
+
+
 def connect_optimizer(model, optimizer) -> Optional[torch.optim.Optimizer]:
     """Wire the AM optimizer inside ``optimizer`` to the backend that shards its parameters; return it.
 

@@ -322,3 +322,24 @@ def test_fsdp1_use_orig_params_is_wired_by_the_callback(model_dir, tmp_path):
     assert max_param_diff(got["params"], ref["params"]) <= 1e-6
     for b_got, b_ref in zip(got["betas"], ref["betas"]):
         assert torch.allclose(torch.tensor(b_got), torch.tensor(b_ref), atol=1e-5, rtol=0)
+
+
+def test_raw_fsdp1_custom_loop_is_exact_with_attach_and_refuses_without(model_dir, tmp_path):
+    """``FullyShardedDataParallel(model, use_orig_params=True)`` and an optimizer built on its parameters,
+    no Trainer: with ``hf_am.attach(opt, model=model)`` it equals the one-process run; without, the first
+    step refuses (it used to train with per-rank betas, 0.433 vs 0.393 at step 2) and changes nothing."""
+    from trainer_harness import WORKERS_DIR, max_param_diff, torchrun
+
+    worker = os.path.join(WORKERS_DIR, "trainer_fsdp1.py")
+    ref_out, got_out, bare_out = str(tmp_path / "ref.pt"), str(tmp_path / "fsdp1.pt"), str(tmp_path / "bare.pt")
+    run_command([sys.executable, worker, model_dir, ref_out], timeout=120)
+    run_command(torchrun(2) + [worker, model_dir, got_out, "attach"], timeout=180)
+    ref, got = torch.load(ref_out), torch.load(got_out)
+    assert got["fsdp1"] == "FullyShardedDataParallel" and got["process_group_set"]
+    assert max_param_diff(got["params"], ref["params"]) <= 1e-6
+    for b_got, b_ref in zip(got["betas"], ref["betas"]):
+        assert torch.allclose(torch.tensor(b_got), torch.tensor(b_ref), atol=1e-5, rtol=0)
+    run_command(torchrun(2) + [worker, model_dir, bare_out, "none"], timeout=180)
+    bare = torch.load(bare_out)
+    assert "FSDP1-sharded parameters" in bare["error"] and "hf_am.attach(" in bare["error"], bare
+    assert bare["unchanged"] and bare["state"] == 0

@@ -5,8 +5,8 @@ flags: ``sub=N`` (ZeRO-3 ``sub_group_size``), ``poison`` (fill the ZeRO-3
 padding slots of the fp32 partitions with NaN after attaching, to stand for
 the uninitialised memory there, e.g. restored by a checkpoint load),
 ``nozero`` (the negative control: remove the hook that zeroes them),
-``accelerate`` (also attach through accelerate's wrappers), ``noattach``
-(the negative control: no ``attach_to_deepspeed`` at all).
+``accelerate`` (also attach through accelerate's wrappers), ``hfattach`` (attach
+through ``hf_am.attach``), ``noattach`` (no attach at all: the first step must refuse).
 Every case builds a fresh model, engine and optimizer, trains a few steps on
 each rank's half of every global batch (fp32, ``gradient_clipping=0``) and
 compares with the 1-process run; a case whose ``attach_to_deepspeed`` raises
@@ -48,9 +48,23 @@ def run_case(rank, world, case):
     opt = dc.make_optimizer(name, dc.grouping(kind, model.named_parameters()), scope)
     engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, sub))
     zero_opt = engine.optimizer
-    if "noattach" in flags:  # negative control: no attach_to_deepspeed, so no reduction of the sums
-        am = opt
-        assert am.process_group is None
+    if "noattach" in flags:  # no attach_to_deepspeed: the first step must refuse, changing nothing
+        assert opt.process_group is None
+        before = [p.detach().clone() for p in zero_opt.single_partition_of_fp32_groups] if stage < 3 else []
+        x, y = dc.global_batches(1)[0]
+        half = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        engine.backward(dc.loss_fn(engine, x[half], y[half]))
+        try:
+            engine.step()
+        except RuntimeError as exc:
+            unchanged = all(torch.equal(a, b) for a, b in zip(before, zero_opt.single_partition_of_fp32_groups))
+            return {"error": f"RuntimeError: {exc}", "unchanged": unchanged, "state": len(opt.state)}
+        return {"error": None}
+    elif "hfattach" in flags:  # the public helper users call in custom loops
+        import hf_am
+
+        am = hf_am.attach(engine)
+        assert am is opt and am.process_group is zero_opt.dp_process_group
     else:
         try:
             am = attach_to_deepspeed(engine)

@@ -50,12 +50,25 @@ def main(model_dir: str, out: str, mode: str = "wire") -> int:
     )
     if mode == "wire":
         AMTrainerCallback().on_train_begin(SimpleNamespace(optim="adamw_torch"), None, None, model=model, optimizer=opt)
+    elif mode == "attach":  # a custom loop: the public helper
+        hf_am.attach(opt, model=model)
     data = TokenData()
     betas = []
     per_rank = 4 // ws
     for step in range(5):
         batch = data.x[4 * step : 4 * step + 4][rank * per_rank : (rank + 1) * per_rank]
         model(input_ids=batch, labels=batch).loss.backward()
+        if mode == "none":  # the optimizer was never wired: the first step must refuse, changing nothing
+            before = [p.detach().clone() for p in model.parameters()]
+            try:
+                opt.step()
+            except RuntimeError as exc:
+                unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+                if rank == 0:
+                    torch.save({"error": str(exc), "unchanged": unchanged, "state": len(opt.state)}, out)
+                dist.barrier()
+                dist.destroy_process_group()
+                return 0
         opt.step()
         opt.zero_grad()
         betas.append(sorted(opt.betas_per_scope().double().tolist()))
