@@ -25,9 +25,11 @@ Case kinds (``KINDS``) cover dtype/shape/device/layout misuse of parameters, gra
 sparse and complex tensors, random and bad hyperparameters and param groups (in the constructor, in
 ``add_param_group`` and written into a group after construction), ``load_state_dict`` of garbage and
 of other optimizers' state, closures returning odd losses, huge/inf/NaN gradients, and the compiled
-kernel cache (truncated, corrupt, foreign, writable, unwritable, symlinked files; ``cache``).  The
-hidden kinds ``sigsegv``/``exit`` (selected only by spec) kill the process, for the launcher's
-negative control.
+kernel cache (truncated, corrupt, foreign, writable, unwritable, symlinked files; ``cache``: each
+case points ``HF_AM_CACHE`` at a fresh directory, plants the worker's own library there in a damaged
+form, resets ``cpu_build._state`` and steps, then restores the worker's library).  The hidden kinds
+(selected only by spec) are negative controls: ``sigsegv``/``exit`` kill the process, and
+``selftest_*`` must come out ``bad``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ import copy
 import fractions
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -83,7 +84,7 @@ PUBLIC_KINDS = (
     "mixed_groups",
     "cache",
 )
-HIDDEN_KINDS = ("sigsegv", "exit")
+HIDDEN_KINDS = ("sigsegv", "exit", "selftest_empty_message", "selftest_changes_state")
 KINDS = PUBLIC_KINDS + HIDDEN_KINDS
 
 #: exception types a validation error may have (torch's errors subclass these)
@@ -993,8 +994,6 @@ def case_closure(c: Case):
             "requires_grad": (sum(p.sum() for p in params) * 0.0 + 0.5), "bool": True,
         }[variant]
 
-    with torch.enable_grad():
-        pass
     step(c, opt, params, phase="step1", closure=odd_closure)
     if variant in ("normal", "float", "int", "numpy", "requires_grad"):
         check_finite_after(c, opt, params)
@@ -1128,9 +1127,9 @@ def _plant(c: Case, variant: str, root: Path, elsewhere: Path):
             data[100] ^= 0xFF
         lib.write_bytes(bytes(data))
     elif variant == "random_bytes":
-        lib.write_bytes(os.urandom(rng.randint(1, 70000)))
+        lib.write_bytes(rng.randbytes(rng.randint(1, 70000)))
         if rng.random() < 0.5:
-            side.write_bytes(os.urandom(80))
+            side.write_bytes(rng.randbytes(80))
     elif variant == "empty":
         lib.write_bytes(b"")
     elif variant == "foreign_file":
@@ -1214,9 +1213,7 @@ def case_cache(c: Case):
         ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
         grads_seq = [[torch.randn_like(p) for p in params] for _ in range(2)]
         kw = c.base_kw()
-        if "fused" not in kw and kw.get("foreach") is None:
-            pass
-        else:  # the spec's path does not load the kernels: the cache is exercised by fused=True
+        if "fused" in kw or "foreach" in kw:  # only fused=None/True load the kernels: the other paths use fused=True here
             kw = {k: v for k, v in kw.items() if k not in ("fused", "foreach")}
             kw["fused"] = True
         try:
@@ -1276,6 +1273,32 @@ def case_sigsegv(c: Case):
 def case_exit(c: Case):
     c.variant = "deliberate exit 3"
     os._exit(3)
+
+
+def case_selftest_empty_message(c: Case):
+    """Must come out ``bad``: a call that raises an exception without a message."""
+    c.variant = "RuntimeError()"
+
+    def fail():
+        raise RuntimeError()
+
+    c.call("step", fail)
+
+
+def case_selftest_changes_state(c: Case):
+    """Must come out ``bad``: a call that changes a parameter and a state tensor, then raises."""
+    c.variant = "update then raise"
+    params = rand_params(c, n=1)
+    opt = AMSGD(params, lr=0.1)
+    warmup(c, opt, params, steps=1)
+
+    def fail():
+        with torch.no_grad():
+            params[0].add_(1.0)
+            opt.state[params[0]]["momentum_buffer"].mul_(2.0)
+        raise ValueError("changed and raised")
+
+    c.call("step", fail, opt, params)
 
 
 CASES = {name: globals()[f"case_{name}"] for name in KINDS}

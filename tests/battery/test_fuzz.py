@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from fuzz_worker import OPTS, PATHS, case_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -218,3 +216,15 @@ def test_the_harness_sees_a_worker_killed_by_a_signal_and_restarts_it(tmp_path):
     assert deaths[1003]["signal"] is None and deaths[1003]["returncode"] == 3
     assert sorted(r["id"] for r in run["results"]) == [0, 2, 4]
     assert run["launches"] == 3
+
+
+def test_the_harness_calls_a_bare_exception_or_a_changing_refusal_bad(tmp_path):
+    """Negative control of the checks: an exception without a message, and a call that changes a
+    parameter and state before raising, are ``bad`` (so those assertions can fail)."""
+    specs = [{"id": 1, "seed": 1, "kind": "selftest_empty_message"}, {"id": 2, "seed": 2, "kind": "selftest_changes_state"}]
+    run = run_harness(specs, 1, tmp_path, timeout_s=120)
+    by_id = {r["id"]: r for r in run["results"]}
+    assert not run["deaths"] and set(by_id) == {1, 2}, run
+    assert by_id[1]["outcome"] == "bad" and "empty message" in by_id[1]["reasons"][0]
+    assert by_id[2]["outcome"] == "bad" and "parameter 0 changed" in by_id[2]["reasons"][0]
+    assert "state 'momentum_buffer' changed" in by_id[2]["reasons"][0]
