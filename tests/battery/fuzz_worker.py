@@ -404,6 +404,8 @@ def hyper_options(c: Case, p_bad=0.12) -> dict:
             (0.9,), (0.9, 0.999, 0.5), [0.9, 0.99], (float("nan"), 0.99), (1.0, 0.99), (0.9, 1.0), (-0.1, 0.9), "ab", None,
             (np.float32(0.9), torch.tensor(0.99)), (torch.tensor([0.9, 0.8]), 0.99), (0.5, 0.5), (0.0, 0.0), 0.9, (0.9, "x"),
         ])
+    if rng.random() < 0.1:  # a Python int too large for a float
+        kw[rng.choice(list(good))] = rng.choice([10**400, -(10**400), 2**1100])
     for key in ("foreach", "fused", "maximize"):
         if rng.random() < 0.15:
             kw[key] = rng.choice([None, True, False, 1, 0, "yes", np.bool_(True), torch.tensor(True)])
