@@ -10,9 +10,10 @@
  * stored); phase 2 applies the update with the coefficient computed in Python
  * from those sums, and stores the second moment it computes again.
  *
- * Plain C, no torch headers: it compiles in about a second.  Work is split over
- * threads by element ranges (pthreads); partial sums are per thread and added in
- * a fixed order, so results are deterministic for a given thread count.  AdamW's
+ * Plain C, no torch headers: it compiles in about a second.  Work is cut into
+ * fixed chunks that threads (pthreads) take from a shared counter; partial sums
+ * are per chunk and added in chunk order, so results are deterministic (and the
+ * same for every thread count).  AdamW's
  * inner loops form x * (x / D') and accumulate blocks in the parameter precision,
  * SGD's form products in double; blocks are added in double.
  * Every per-tensor scalar comes in as an array of doubles (read from tensors the
@@ -38,8 +39,6 @@ typedef struct {
     void **a, **b, **c, **d; /* up to four tensor-pointer arrays (meaning per kernel) */
     double h0;             /* kernel-specific uniform scalar */
     const double *s0, *s1, *s2, *s3, *s4; /* per-tensor scalars (meaning per kernel, may be NULL) */
-    double *out;           /* n * 3 per-thread partial sums (sum kernels) */
-    int64_t begin, end;    /* global element range of this worker */
 } Work;
 
 typedef void (*RangeFn)(const Work *w, int64_t tensor, int64_t lo, int64_t hi, double *out3);
@@ -143,63 +142,84 @@ SGD_UPDATE(float, sgd_update_f32)
 SGD_UPDATE(double, sgd_update_f64)
 
 /* ------------------------------------------------------------------ threading */
+/* Work is cut into chunks of at most AM_CHUNK elements of one tensor, fixed by the tensor sizes
+ * alone, and the threads take chunks in turn from a shared counter.  A thread that loses its
+ * core to another process (shared machines) thus delays the step by one chunk, not by half the
+ * work.  Sum kernels write each chunk's sums to its own slot; the slots are added per tensor in
+ * chunk order, so the sums do not depend on which thread ran a chunk, nor on the thread count. */
+#define AM_CHUNK (32 * AM_BLOCK)          /* 65536 elements: a multiple of AM_BLOCK */
+#define AM_MIN_PER_THREAD (4 * AM_CHUNK)  /* a thread costs tens of microseconds to start */
+
 typedef struct {
     Work work;
     RangeFn fn;
-} Task;
+    const int64_t *first; /* first[i]: index of tensor i's first chunk; first[n] = chunk count */
+    double *chunk_out;    /* 3 sums per chunk (sum kernels), else NULL */
+    int64_t next;         /* next chunk to take (atomic) */
+} Shared;
 
-static void *run_range(void *arg) {
-    Task *t = (Task *)arg;
-    const Work *w = &t->work;
-    int64_t offset = 0;
-    for (int64_t i = 0; i < w->n && offset < w->end; ++i) {
-        int64_t lo = w->begin > offset ? w->begin - offset : 0;
-        int64_t hi = w->end - offset < w->numel[i] ? w->end - offset : w->numel[i];
-        if (lo < hi) t->fn(w, i, lo, hi, w->out ? w->out + 3 * i : NULL);
-        offset += w->numel[i];
+static void *run_chunks(void *arg) {
+    Shared *sh = (Shared *)arg;
+    const Work *w = &sh->work;
+    int64_t i = 0, total = sh->first[w->n];
+    for (;;) {
+        int64_t c = __atomic_fetch_add(&sh->next, 1, __ATOMIC_RELAXED);
+        if (c >= total) break;
+        while (sh->first[i + 1] <= c) ++i; /* a thread takes its chunks in increasing order */
+        int64_t lo = (c - sh->first[i]) * AM_CHUNK;
+        int64_t hi = lo + AM_CHUNK < w->numel[i] ? lo + AM_CHUNK : w->numel[i];
+        sh->fn(w, i, lo, hi, sh->chunk_out ? sh->chunk_out + 3 * c : NULL);
     }
     return NULL;
 }
 
-/* Split the elements of all tensors over `threads` workers; sum kernels add the
- * workers' partial sums into `out` (n * 3 doubles) in worker order. */
+/* Run `fn` over all elements of all tensors on up to `threads` threads; sum kernels add each
+ * tensor's chunk sums, in chunk order, into `out` (n * 3 doubles). */
 static int run(Work base, RangeFn fn, int threads, double *out) {
     int64_t total = 0;
-    for (int64_t i = 0; i < base.n; ++i) total += base.numel[i];
+    int64_t *first = (int64_t *)malloc(((size_t)base.n + 1) * sizeof(int64_t));
+    if (!first) return 1;
+    first[0] = 0;
+    for (int64_t i = 0; i < base.n; ++i) {
+        total += base.numel[i];
+        first[i + 1] = first[i] + (base.numel[i] + AM_CHUNK - 1) / AM_CHUNK;
+    }
+    int64_t chunks = first[base.n];
     if (threads < 1) threads = 1;
-    if (total < 65536 * (int64_t)threads) threads = (int)(total / 65536) + 1;
     if (threads > 64) threads = 64;
-    Task tasks[64];
+    if (total < AM_MIN_PER_THREAD * (int64_t)threads) threads = (int)(total / AM_MIN_PER_THREAD) + 1;
+    if (threads > chunks) threads = chunks > 0 ? (int)chunks : 1;
+    Shared sh;
+    sh.work = base;
+    sh.fn = fn;
+    sh.first = first;
+    sh.chunk_out = NULL;
+    sh.next = 0;
+    if (out && chunks > 0) {
+        sh.chunk_out = (double *)calloc((size_t)chunks * 3, sizeof(double));
+        if (!sh.chunk_out) {
+            free(first);
+            return 1;
+        }
+    }
     pthread_t ids[64];
-    double *partial = NULL;
-    if (out) {
-        partial = (double *)calloc((size_t)threads * (size_t)base.n * 3, sizeof(double));
-        if (!partial) return 1;
-    }
-    int64_t chunk = (total + threads - 1) / threads;
-    chunk = (chunk + 63) / 64 * 64;
     int started = 0, status = 0;
-    for (int t = 0; t < threads; ++t) {
-        tasks[t].work = base;
-        tasks[t].fn = fn;
-        tasks[t].work.begin = (int64_t)t * chunk < total ? (int64_t)t * chunk : total;
-        tasks[t].work.end = (int64_t)(t + 1) * chunk < total ? (int64_t)(t + 1) * chunk : total;
-        tasks[t].work.out = out ? partial + (size_t)t * base.n * 3 : NULL;
-    }
     for (int t = 1; t < threads; ++t) {
-        if (pthread_create(&ids[t], NULL, run_range, &tasks[t]) != 0) {
+        if (pthread_create(&ids[t], NULL, run_chunks, &sh) != 0) {
             status = 2;
             break;
         }
         started = t;
     }
-    if (status == 0) run_range(&tasks[0]);
+    if (status == 0) run_chunks(&sh);
     for (int t = 1; t <= started; ++t) pthread_join(ids[t], NULL);
     if (status == 0 && out) {
-        for (int t = 0; t < threads; ++t)
-            for (int64_t k = 0; k < base.n * 3; ++k) out[k] += partial[(size_t)t * base.n * 3 + k];
+        for (int64_t i = 0; i < base.n; ++i)
+            for (int64_t c = first[i]; c < first[i + 1]; ++c)
+                for (int k = 0; k < 3; ++k) out[3 * i + k] += sh.chunk_out[3 * c + k];
     }
-    free(partial);
+    free(sh.chunk_out);
+    free(first);
     return status;
 }
 
