@@ -12,6 +12,13 @@ they apply; ", foreach" rows force the multi-tensor path.
     python benchmarks/optimizer_overhead.py                 # 1M, 5M, 25M, 100M
     python benchmarks/optimizer_overhead.py --sizes 25 --repeats 20 --markdown out.md
     python benchmarks/optimizer_overhead.py --sizes 25 --only AdamW     # AdamW family only
+    python benchmarks/optimizer_overhead.py --sizes 25 100 --only AdamW --deepspeed-cpu-adam
+
+``--deepspeed-cpu-adam`` (CPU, float32) adds DeepSpeed's ``DeepSpeedCPUAdam`` (the
+ZeRO-Offload optimizer; JIT-built by DeepSpeed's op builder on first use, about a
+minute) and steps every candidate on one flat tensor of the given size as well
+(one ZeRO partition, as ZeRO-Offload hands the optimizer), so its column compares
+like with like.  DeepSpeed is only needed for this flag.
 """
 
 from __future__ import annotations
@@ -84,6 +91,19 @@ def time_round(candidates: Dict[str, Callable], params, repeats: int, warmup: in
     return {name: statistics.median(ts) for name, ts in times.items()}, nbytes
 
 
+def _deepspeed_cpu_adam():
+    """A factory for DeepSpeed's CPU Adam in AdamW mode, or ``None`` with the reason printed."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    except Exception as exc:  # noqa: BLE001 - any import/build failure: skip the candidate
+        print(f"DeepSpeedCPUAdam unavailable: {type(exc).__name__}: {exc}")
+        return None
+    return lambda ps: DeepSpeedCPUAdam(ps, lr=1e-3, adamw_mode=True, fp32_optimizer_states=True)
+
+
+DS_NAME = "DeepSpeedCPUAdam"
+
+
 def _default_path(device: str, dtype: torch.dtype) -> str:
     """What AMAdamW(..) without foreach/fused runs on this device and dtype."""
     from hf_am.kernels import select_kernels
@@ -106,6 +126,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--only", nargs="+", help="only candidates whose name contains one of these")
+    parser.add_argument("--exclude", nargs="+", help="leave out candidates whose name contains one of these")
+    parser.add_argument(
+        "--deepspeed-cpu-adam", action="store_true",
+        help="also step DeepSpeedCPUAdam, and every candidate on one flat tensor (a ZeRO partition) too",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,19 +150,30 @@ def main(argv=None) -> int:
     }
     if args.only:
         candidates = {k: v for k, v in candidates.items() if any(o in k for o in args.only)}
+    if args.exclude:
+        candidates = {k: v for k, v in candidates.items() if not any(o in k for o in args.exclude)}
+    layouts = ["llama"]
+    if args.deepspeed_cpu_adam:
+        make_ds = _deepspeed_cpu_adam() if args.device == "cpu" and args.dtype == "float32" else None
+        if make_ds is not None:
+            candidates[DS_NAME] = make_ds
+            layouts.append("flat")
     baseline_of = {name: ("SGD (foreach)" if "SGD" in name else "AdamW (foreach)") for name in candidates}
+    show_ds = DS_NAME in candidates
     rows = []
     header = (
         "| params | tensors | optimizer | step ms (range over rounds) | vs foreach baseline (range) "
-        "| vs AdamW fused | state MB | state vs baseline |"
+        "| vs AdamW fused (range) |" + (" vs DeepSpeedCPUAdam (range) |" if show_ds else "") + " state MB | state vs baseline |"
     )
-    rule = "|---|---|---|---|---|---|---|---|"
+    rule = "|---|---|---|---|---|---|" + ("---|" if show_ds else "") + "---|---|"
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__}")
     print(f"AM default path here: {_default_path(args.device, dtype)}")
     print(header)
     print(rule)
-    for size in args.sizes:
+    for size, layout in [(size, layout) for size in args.sizes for layout in layouts]:
         shapes = llama_like_shapes(int(size * 1e6))
+        if layout == "flat":
+            shapes = [(sum(int(torch.Size(s).numel()) for s in shapes),)]
         gen = torch.Generator().manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(args.device, dtype)) for s in shapes]
         grads = [torch.randn(s, generator=gen).to(args.device, dtype) * 1e-2 for s in shapes]
@@ -147,6 +183,7 @@ def main(argv=None) -> int:
         medians: Dict[str, List[float]] = {}
         ratios: Dict[str, List[float]] = {}
         fused_ratios: Dict[str, List[float]] = {}
+        ds_ratios: Dict[str, List[float]] = {}
         nbytes: Dict[str, int] = {}
         for _ in range(args.rounds):
             round_medians, round_bytes = time_round(candidates, params, args.repeats)
@@ -156,21 +193,29 @@ def main(argv=None) -> int:
                 base = round_medians.get(baseline_of[name])
                 if base:
                     ratios.setdefault(name, []).append(t / base)
-                if "AdamW (fused)" in round_medians and "AdamW" in name:
+                if "AdamW (fused)" in round_medians and "Adam" in name:
                     fused_ratios.setdefault(name, []).append(t / round_medians["AdamW (fused)"])
+                if DS_NAME in round_medians:
+                    ds_ratios.setdefault(name, []).append(t / round_medians[DS_NAME])
+        def spread_of(r):
+            return f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})" if r else "n/a"
+
         for name in candidates:
             if name not in medians:
-                print(f"| {n/1e6:.1f}M | {len(shapes)} | {name} | n/a | | | | |")
+                if layout == "llama" or name == DS_NAME:
+                    print(f"| {n/1e6:.1f}M | {len(shapes)} | {name} | n/a | | |" + (" |" if show_ds else "") + " | |")
                 continue
             ts = medians[name]
             spread = f"{statistics.median(ts) * 1e3:.1f} ({min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f})"
-            r = ratios.get(name)
-            ratio = f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})" if r else "n/a"
-            fr = fused_ratios.get(name)
-            fratio = f"{statistics.median(fr):.2f}x" if fr else "n/a"
+            ratio = spread_of(ratios.get(name))
+            fratio = spread_of(fused_ratios.get(name))
+            dcol = f" {spread_of(ds_ratios.get(name))} |" if show_ds else ""
             base = baseline_of[name]
             sratio = f"{nbytes[name] / nbytes[base]:.3f}x" if base in nbytes else "n/a"
-            row = f"| {n/1e6:.1f}M | {len(shapes)} | {name} | {spread} | {ratio} | {fratio} | {nbytes[name]/2**20:.1f} | {sratio} |"
+            row = (
+                f"| {n/1e6:.1f}M | {len(shapes)} | {name} | {spread} | {ratio} | {fratio} |{dcol} "
+                f"{nbytes[name]/2**20:.1f} | {sratio} |"
+            )
             rows.append(row)
             print(row, flush=True)
         del params, grads

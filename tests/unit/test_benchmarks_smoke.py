@@ -1,0 +1,41 @@
+"""The benchmark scripts run and write their outputs (``--quick``); no timing is asserted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "trainer_overhead.py"
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+    )
+
+
+def test_trainer_overhead_help():
+    proc = _run("--help", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--quick" in proc.stdout and "--pairs" in proc.stdout
+
+
+def test_trainer_overhead_quick(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    proc = _run("--quick", "--out-dir", str(tmp_path), "--tag", "smoke")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    md = tmp_path / "trainer_overhead_smoke.md"
+    png = tmp_path / "trainer_overhead_smoke.png"
+    assert md.is_file() and png.is_file()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = md.read_text()
+    assert "CPU:" in text and "torch" in text
+    assert "| tiny |" in text and "am_adamw" in text and "adamw_torch (foreach)" in text
+    assert "--quick" in text  # the command that reproduces it
