@@ -43,7 +43,20 @@ def check_plan_tensors(optimizer, plan) -> None:
         _check_one(optimizer, plan, i, lp, lg, optimizer.state.get(p))
 
 
+def _overlaps(t: torch.Tensor) -> bool:
+    """Elements sharing memory (an ``expand``-ed view): an in-place update cannot write them."""
+    if any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape)):
+        return True
+    has_overlap = getattr(torch, "_debug_has_internal_overlap", None)  # 0 no, 1 yes, 2 too hard to tell
+    return has_overlap is not None and has_overlap(t) == 1
+
+
 def _check_one(optimizer, plan, i: int, lp: torch.Tensor, lg: torch.Tensor, state) -> None:
+    if _overlaps(lp):
+        raise _mismatch(
+            optimizer, plan, i, "the parameter", f"strides {lp.stride()} (elements share memory)", "a tensor whose elements "
+            "each have their own memory", "An expanded view cannot be updated in place: pass a materialised tensor (.clone()).",
+        )  # fmt: skip
     if lg.shape != lp.shape or lg.dtype != lp.dtype or lg.device != lp.device:
         raise _mismatch(
             optimizer, plan, i, "its gradient", _describe(lg), _describe(lp),
@@ -51,19 +64,20 @@ def _check_one(optimizer, plan, i: int, lp: torch.Tensor, lg: torch.Tensor, stat
         )  # fmt: skip
     if not state:
         return
+    missing = [name for name in optimizer.required_scalar_state if name not in state]
+    if missing:
+        raise _mismatch(optimizer, plan, i, "its state", f"no {missing}", f"the keys {list(optimizer.required_scalar_state)}", _STATE_HINT)
     for name in optimizer.state_tensor_names:
-        t = state.get(name)
-        if t is None:
+        if name not in state:
             continue
+        t = state[name]
         if not isinstance(t, torch.Tensor):
             raise _mismatch(optimizer, plan, i, f"state {name!r}", type(t).__name__, f"a tensor ({_describe(lp)})", _STATE_HINT)
         lt = local_view(t)
         if lt.shape != lp.shape or lt.dtype != lp.dtype or lt.device != lp.device:
             raise _mismatch(optimizer, plan, i, f"state {name!r}", _describe(lt), _describe(lp), _STATE_HINT)
-    for name in ("step", "am_prod", "am_beta", "am_restarts"):
-        t = state.get(name)
-        if t is None:
-            continue
+    for name in optimizer.required_scalar_state:
+        t = state[name]
         if not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.is_floating_point():
             raise _mismatch(optimizer, plan, i, f"state {name!r}", repr(t)[:80], "a one-element floating tensor", _STATE_HINT)
         if t.device != lp.device:

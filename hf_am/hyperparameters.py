@@ -40,7 +40,7 @@ def is_real(value) -> bool:
     ``add_param_group`` only, never in ``step()``.
     """
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool or value.device.type == "meta":
             return False
         return math.isfinite(float(value))
     if isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_":
@@ -49,6 +49,8 @@ def is_real(value) -> bool:
 
 
 def _non_finite(value) -> bool:
+    if isinstance(value, torch.Tensor) and (value.numel() != 1 or value.device.type == "meta"):
+        return False
     try:
         return isinstance(value, (numbers.Real, torch.Tensor)) and not isinstance(value, bool) and not math.isfinite(float(value))
     except (TypeError, ValueError, RuntimeError):
@@ -58,7 +60,7 @@ def _non_finite(value) -> bool:
 def normalise_number(value):
     """numpy scalars and one-element tensors (other than a tensor ``lr``) become Python floats, so
     that arithmetic inside ``step()`` neither synchronises nor meets numpy's operator rules."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() and value.device.type != "meta":
         return float(value)
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
         return float(value)
@@ -150,6 +152,8 @@ def validate_group(group: Dict[str, Any], rules: Sequence[Rule], beta_max: float
     """
     lr = group["lr"]
     if isinstance(lr, torch.Tensor):
+        if lr.device.type == "meta":
+            raise ValueError("Invalid learning rate: a tensor lr on the meta device has no value (allowed: lr >= 0, finite)")
         if lr.numel() != 1:
             raise ValueError(f"Invalid learning rate: a tensor lr must have one element, got shape {tuple(lr.shape)}")
         if not is_real(lr) or float(lr) < 0:

@@ -281,7 +281,10 @@ def _flock(dfd: int, where: Path) -> int:
     """Hold an exclusive flock on the lock file in ``dfd`` (waiting at most LOCK_TIMEOUT_S)."""
     import fcntl
 
-    fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o600, dir_fd=dfd)
+    try:
+        fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o600, dir_fd=dfd)
+    except OSError as exc:  # ELOOP: a symbolic link in its place; EACCES: not ours
+        raise _Unsafe(f"{where / LOCK_NAME} cannot be opened safely ({exc.strerror or exc})") from exc
     try:
         why = _problem(os.fstat(fd), "file")
         if why:

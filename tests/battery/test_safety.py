@@ -344,3 +344,74 @@ def test_paths_say_which_implementation_runs_and_why(caplog):
     lines = [r.getMessage() for r in caplog.records if "takes the" in r.getMessage()]
     assert len(lines) == 2, lines  # logged once per group, not every step
     assert "param group 1 takes the reference path (foreach=False)" in lines[1]
+
+
+# ------------------------------------------------- found by the fuzz harness (tests/battery/test_fuzz.py)
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_an_option_written_after_construction_is_checked_before_the_step(name):
+    model = make_model()
+    opt = OPTIMIZERS[name](two_groups(model, lr=LR[name]), lr=LR[name])
+    train(model, opt, make_batches(2))
+    opt.param_groups[1]["weight_decay"] = "0.1"
+    _grads(model, make_batches(1)[0])
+    snap = _snapshot(model, opt)
+    with pytest.raises(ValueError, match="Invalid weight_decay: '0.1'"):
+        opt.step()
+    assert _unchanged(model, opt, snap)
+    opt.param_groups[1]["weight_decay"] = 0.0
+    opt.step()  # fixed: steps again
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("damage", ["delete_step", "state_none", "expanded_param"])
+def test_damaged_state_and_overlapping_parameters_are_refused_before_anything_changes(name, damage):
+    model = make_model()
+    opt = OPTIMIZERS[name](model.parameters(), lr=LR[name])
+    train(model, opt, make_batches(2))
+    p = next(iter(model.parameters()))
+    if damage == "delete_step":
+        del opt.state[p]["step"]
+        match = r"its state has no \['step'\]"
+    elif damage == "state_none":
+        opt.state[p][opt.state_tensor_names[0]] = None
+        match = "has NoneType, expected a tensor"
+    else:
+        opt = OPTIMIZERS[name]([torch.nn.Parameter(torch.zeros(3).expand(2, 3))], lr=LR[name])
+        opt.param_groups[0]["params"][0].grad = torch.ones(2, 3)
+        with pytest.raises(RuntimeError, match="elements share memory"):
+            opt.step()
+        return
+    _grads(model, make_batches(1)[0])
+    snap = _snapshot(model, opt)
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    assert _unchanged(model, opt, snap)
+
+
+@pytest.mark.parametrize(
+    "bad,error,match",
+    [
+        ("not a dict", TypeError, "expects an optimizer state dict"),
+        ({"state": {}}, TypeError, "keys 'state' and 'param_groups'"),
+        ("sgd_into_adamw", ValueError, r"has no \['betas', 'eps'\]: the state dict was written by another optimizer"),
+        ("garbage_betas", ValueError, r"param group 0: Invalid betas: \(0.9,\)"),
+    ],
+)
+def test_state_dicts_that_do_not_fit_are_refused_at_load(bad, error, match):
+    model = make_model()
+    target = AMAdamW(model.parameters())
+    if bad == "sgd_into_adamw":
+        sgd = AMSGD(model.parameters())
+        train(model, sgd, make_batches(1))
+        bad = sgd.state_dict()
+    elif bad == "garbage_betas":
+        bad = copy.deepcopy(target.state_dict())
+        bad["param_groups"][0]["betas"] = (0.9,)
+    with pytest.raises(error, match=match):
+        target.load_state_dict(bad)
+    assert len(target.state) == 0 and target.param_groups[0]["betas"] == (0.9, 0.999)
+
+
+def test_a_meta_tensor_lr_is_a_value_error():
+    with pytest.raises(ValueError, match="meta device"):
+        AMSGD(make_model().parameters(), lr=torch.tensor(0.1, device="meta"))
