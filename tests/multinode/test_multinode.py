@@ -8,7 +8,15 @@ Every run trains the tiny Llama of the Trainer tests with a real ``Trainer`` and
 equal it: final parameters to 1e-6 and every step's beta to 1e-5 (float32). Every test also
 asserts which engine really ran (DDP wrapper, DeepSpeed engine at the asked ZeRO stage with the
 AM optimizer summing over ZeRO's data-parallel group, DTensor parameters for FSDP2), because on
-CPU accelerate may quietly train something else.
+CPU accelerate may quietly train something else -- and does: with the shipped DeepSpeed and FSDP2
+multi-node configs it trains DDP on CPU (pinned below), so ZeRO-2, ZeRO-3 and FSDP2 across two
+nodes are tested through ``torchrun`` with the Trainer's own ``deepspeed=`` config and
+``distributed_config``, as ``tests/integrations/test_trainer_distributed.py`` does for 2 processes.
+
+The torchrun runs use ``trainer_worker.py`` (full ``assert_same_training``: every step's beta
+mean/min/max/restarts and every scope's beta); the accelerate runs use the unmodified
+``trainer_script.py`` through ``-m hf_am.run`` and compare every step's beta mean/min/max/restarts
+from the Trainer's logs (``--logging_steps 1``).
 
 Both node processes are started in their own session and killed as a group on failure or
 timeout; a node that fails stops the other one, and a hang fails the test after ``TIMEOUT``.
@@ -259,11 +267,11 @@ def test_torchrun_two_nodes_of_two_processes_ddp_c10d_rendezvous(model_dir, refe
 # ---------------------------------------------------------------- accelerate launch, two machines
 
 
-def shipped_config_for_cpu(tmp_path, name: str, **overrides) -> str:
+def shipped_config_for_cpu(tmp_path, name: str) -> str:
     """A copy of ``accelerate_configs/NAME`` with only what a CPU run needs changed: ``use_cpu: true``
     (else accelerate looks for GPUs) and ``mixed_precision: 'no'`` where it says bf16 (bf16 autocast is
-    not the float32 reference), plus ``overrides`` of its ``deepspeed_config``. Address, port, machine
-    rank and counts come from the command line, as on a cluster."""
+    not the float32 reference). Address, port, machine rank and counts come from the command line, as
+    on a cluster; the DeepSpeed JSON path stays relative to the repository root (the cwd)."""
     import yaml
 
     with open(os.path.join(REPO, "accelerate_configs", name)) as f:
@@ -271,7 +279,6 @@ def shipped_config_for_cpu(tmp_path, name: str, **overrides) -> str:
     cfg["use_cpu"] = True
     if cfg.get("mixed_precision", "no") != "no":
         cfg["mixed_precision"] = "no"
-    cfg.get("deepspeed_config", {}).update(overrides)
     path = os.path.join(str(tmp_path), "cpu_" + name)
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
@@ -318,7 +325,10 @@ def _check_script_run(label: str, got: dict, ref: dict) -> None:
 
 
 def test_accelerate_two_machines_ddp_equals_one_process(model_dir, reference, tmp_path):
-    """``multi_node_ddp.yaml`` with ``use_cpu: true`` and ``mixed_precision: 'no'``."""
+    """The shipped ``multi_node_ddp.yaml`` on two machines, with the only overrides a CPU run needs:
+    ``use_cpu: true`` (no GPUs) and ``mixed_precision: 'no'`` instead of bf16 (float32, as the
+    reference); ``--num_machines 2 --num_processes 2 --machine_rank {0,1} --main_process_ip 127.0.0.1
+    --main_process_port P`` on the command line."""
     got = run_accelerate_nodes(tmp_path, model_dir, shipped_config_for_cpu(tmp_path, "multi_node_ddp.yaml"))
     _check_ddp(got["evidence"])
     _check_script_run("accelerate 2x1 DDP", got, reference)
