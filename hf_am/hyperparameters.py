@@ -44,7 +44,10 @@ def is_real(value) -> bool:
             return False
         return math.isfinite(float(value))
     if isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_":
-        return math.isfinite(float(value))
+        try:
+            return math.isfinite(float(value))
+        except OverflowError:  # an int beyond the float range
+            return False
     return False
 
 
@@ -53,6 +56,8 @@ def _non_finite(value) -> bool:
         return False
     try:
         return isinstance(value, (numbers.Real, torch.Tensor)) and not isinstance(value, bool) and not math.isfinite(float(value))
+    except OverflowError:
+        return True
     except (TypeError, ValueError, RuntimeError):
         return False
 

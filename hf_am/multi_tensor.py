@@ -177,13 +177,16 @@ def sgd_sums(grads, params, buffers, weight_decay):
 
 def sgd_update(params, grads, buffers, kept, coefficient, lr, weight_decay):
     tiles, decayed = kept
+    keeps = list(coefficient.to(params[0].dtype).unbind(0))
     weights = list((1.0 - coefficient.to(params[0].dtype)).unbind(0))
     for tile in tiles:
         i0, k = tile[0][0], len(tile)
         p, d = tiles.views(params, tile), tiles.views(buffers, tile)
         # The decayed gradient uses x before this step's update, so it is rebuilt first.
         g = decayed if decayed is not None else decayed_gradients(tiles.views(grads, tile), p, weight_decay)
-        torch._foreach_lerp_(d, g, weights[i0 : i0 + k])
+        # d <- c d + (1 - c) g', as torch's SGD: a lerp's g' - d overflows where both are near the float max
+        torch._foreach_mul_(d, keeps[i0 : i0 + k])
+        torch._foreach_add_(d, torch._foreach_mul(g, weights[i0 : i0 + k]))
         if isinstance(lr, torch.Tensor):
             torch._foreach_add_(p, torch._foreach_mul(d, -lr))
         else:

@@ -115,7 +115,7 @@ typedef void (*RangeFn)(const Work *w, int64_t tensor, int64_t lo, int64_t hi, d
         }                                                                                \
     }
 
-/* Phase 2: g' = g + wd x;  d += w_i (g' - d);  x += step_i d.   a=p b=g c=d, h0=wd,
+/* Phase 2: g' = g + wd x;  d = (1 - w_i) d + w_i g';  x += step_i d.   a=p b=g c=d, h0=wd,
  * s0=weight, s1=step (-lr). */
 #define SGD_UPDATE(T, NAME)                                                              \
     AM_CLONES static void NAME(const Work *w, int64_t i, int64_t lo, int64_t hi, double *o) { \
@@ -123,10 +123,11 @@ typedef void (*RangeFn)(const Work *w, int64_t tensor, int64_t lo, int64_t hi, d
         T *x = (T *)w->a[i], *d = (T *)w->c[i];                                          \
         const T *g = (const T *)w->b[i];                                                 \
         const T wd = (T)w->h0, weight = (T)w->s0[i], step = (T)w->s1[i];                 \
+        const T keep = (T)1 - weight; /* keep d + weight g': no g' - d to overflow */        \
         _Pragma("omp simd")                                                              \
         for (int64_t k = lo; k < hi; ++k) {                                              \
             T gk = g[k] + wd * x[k];                                                     \
-            T dk = d[k] + weight * (gk - d[k]);                                          \
+            T dk = keep * d[k] + weight * gk;                                            \
             d[k] = dk;                                                                   \
             x[k] = x[k] + step * dk;                                                     \
         }                                                                                \

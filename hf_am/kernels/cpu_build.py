@@ -449,6 +449,10 @@ def _load() -> Optional[ctypes.CDLL]:
             lib = _obtain(cc, where, dfd, name, shared=True)
         except (_NoLock, _Unsafe) as exc:
             _warn(f"not using the kernel cache: {exc}; building the CPU kernels in a private temporary directory")
+        except TimeoutError:
+            raise  # another build holds the lock: fall back to the multi-tensor path (no second build)
+        except OSError as exc:  # e.g. a directory where the library belongs
+            _warn(f"not using the kernel cache: {exc}; building the CPU kernels in a private temporary directory")
         finally:
             os.close(dfd)
     if lib is None:

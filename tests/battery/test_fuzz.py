@@ -30,20 +30,11 @@ N_CASES = int(os.environ.get("HF_AM_FUZZ_CASES", "450"))
 TIME_LIMIT_S = 120.0  # the issue's budget on 2 CPU cores (all workers, their starts and restarts)
 WORKER_TIMEOUT_S = 240.0  # a worker running longer than this is killed: its case counts as a hang
 
-#: Bad outcomes of hf_am bugs reported to the lead (fuzz report of 2026-12-01) and not fixed when this
-#: list was last updated (B1-B7, the meta-device lr and the lock-file cases were fixed in the working
-#: tree by then).  An entry matches a ``bad`` outcome by ``kind`` and, where given, ``variant`` (a
-#: prefix) and ``reason`` (a substring of one reason); a matching outcome is printed, not failed, and
-#: the output names entries no case hit.  Remove each entry when its bug is fixed.
-KNOWN_ISSUES: list = [
-    {"issue": "B8 a Python int too large for a float (lr=10**400) is OverflowError, not ValueError, at construction",
-     "kind": "hyper", "reason": "OverflowError"},
-    {"issue": "B8 (add_param_group)", "kind": "groups", "reason": "OverflowError"},
-    {"issue": "B9 AMSGD fused/foreach: d += w*(g'-d) overflows float32 near finfo.max where torch's SGD stays finite",
-     "kind": "grad_values", "reason": "non-finite where torch's SGD stays finite"},
-    {"issue": "C1 cache: a directory where the library belongs turns the kernels off (IsADirectoryError at the install; the default seeds may not draw it)",
-     "kind": "cache", "variant": "lib_is_dir"},
-]
+#: Bad outcomes of hf_am bugs found by this harness and not fixed yet.  An entry matches a ``bad``
+#: outcome by ``kind`` and, where given, ``variant`` (a prefix) and ``reason`` (a substring of one
+#: reason); a matching outcome is printed, not failed, and the output names entries no case hit.
+#: Empty: every bug the harness found (B1-B9, the meta-device lr, C1 and the lock-file cases) is fixed.
+KNOWN_ISSUES: list = []
 
 
 def _known(result) -> str:
