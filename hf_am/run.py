@@ -10,7 +10,8 @@
 script builds its ``HfArgumentParser``; then the script runs as ``__main__``
 with ``sys.argv`` = ``[script.py, ARGS...]``, exactly as ``python script.py ARGS``
 would run it.  Launched as several CPU processes (no CUDA), it sets
-``ACCELERATE_USE_CPU=true`` so that the Trainer is distributed without ``--use_cpu``.
+``ACCELERATE_USE_CPU=true`` so that the Trainer is distributed without ``--use_cpu`` (not for
+DeepSpeed/FSDP launches, which accelerate would turn into DDP: those need ``--use_cpu`` on CPU).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def _distribute_cpu_launches() -> None:
     use the gloo group the launcher prepared, so unmodified scripts need no extra flag.
     """
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or "ACCELERATE_USE_CPU" in os.environ:
+        return
+    if any(os.environ.get(k, "").lower() == "true" for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")):
+        # accelerate's CPU state would replace DeepSpeed/FSDP by plain DDP; these launches need the
+        # script's own --use_cpu, which the AM callback names if it is missing
         return
     try:
         import torch

@@ -41,8 +41,8 @@ def check_launch_is_distributed(args) -> None:
         raise RuntimeError(
             f"{launched} processes were launched (WORLD_SIZE={launched}), but the Trainer is not distributed "
             f"(TrainingArguments.world_size == 1): each process would train its own copy. On CPU add --use_cpu to "
-            "the script's arguments, or launch through `python -m hf_am.run` / `-m hf_am.run`, which sets "
-            "ACCELERATE_USE_CPU=true for CPU multi-process launches; on GPUs check that every process sees a device"
+            "the script's arguments (for DDP, `-m hf_am.run` does the equivalent by itself); on GPUs check that every "
+            "process sees a device"
         )
 
 
@@ -53,8 +53,9 @@ def _warn_if_deepspeed_was_dropped(optimizer) -> None:
 
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not is_deepspeed_wrapped(optimizer):
         logger.warning(
-            "hf_am: the accelerate config asks for DeepSpeed, but training runs without it (on CPU accelerate "
-            "trains plain DDP unless the config has use_cpu: true); the AM sums are exact for the engine that runs"
+            "hf_am: the accelerate config asks for DeepSpeed, but training runs without it (accelerate trains "
+            "plain DDP when its state is CPU-only, e.g. ACCELERATE_USE_CPU=true; on CPU pass the script's --use_cpu "
+            "instead); the AM sums are exact for the engine that runs"
         )
 
 

@@ -290,17 +290,22 @@ def test_a_multi_process_launch_that_is_not_distributed_is_refused(model_dir, tm
 
 def test_readme_deepspeed_launch_runs_from_any_directory(model_dir, reference, tmp_path):
     """``accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml --num_processes 2 -m hf_am.run``
-    from a directory other than the repository root: the yaml finds its DeepSpeed JSON, and on CPU the run
-    is distributed (accelerate trains DDP there) and exact."""
+    from a directory other than the repository root: the yaml finds its DeepSpeed JSON and ZeRO-2 runs,
+    exact (on CPU with the script's --use_cpu, as the docs say); without --use_cpu the run stops before the
+    first step naming the flag (it used to fail inside DeepSpeed with a batch-size assertion)."""
     results = os.path.join(str(tmp_path), "results.pt")
-    cmd = [
+    launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
         os.path.join(REPO, "accelerate_configs", "deepspeed_zero2.yaml"), "--num_processes", "2",
-        "--main_process_port", str(free_port()), *_script_command(model_dir, results, str(tmp_path / "out")),
+        "--main_process_port", str(free_port()),
     ]  # fmt: skip
-    run_command(cmd, timeout=300, cwd=str(tmp_path))
+    with pytest.raises(AssertionError) as info:
+        run_command(launch + _script_command(model_dir, results, str(tmp_path / "out")), timeout=300, cwd=str(tmp_path))
+    assert "but the Trainer is not distributed" in str(info.value) and "add --use_cpu" in str(info.value)
+    launch[-1] = str(free_port())
+    run_command(launch + _script_command(model_dir, results, str(tmp_path / "out"), "--use_cpu"), timeout=300, cwd=str(tmp_path))
     got = torch.load(results, weights_only=False)
-    assert got["evidence"]["world_size"] == 2
+    assert got["evidence"]["is_deepspeed"] and got["evidence"]["zero_stage"] == 2, got["evidence"]
     from trainer_harness import max_param_diff
 
     assert max_param_diff(got["params"], reference["tensor"]["params"]) <= 1e-6
