@@ -28,7 +28,7 @@ from .hyperparameters import (
 from .optimizer import AMOptimizer
 from .planning import GroupPlan, Path
 from .sharding import local_view
-from .state import BETA, FALLBACKS, PROD, RESTARTS, accumulation_dtype, new_scalar_state
+from .state import APPLIED, BETA, FALLBACKS, PROD, RESTARTS, accumulation_dtype, new_scalar_state
 
 __all__ = ["AMAdamW"]
 
@@ -117,7 +117,7 @@ class AMAdamW(AMOptimizer):
         super().__init__(params, defaults, scope=scope, loss_estimate=loss_estimate, process_group=process_group)
 
     #: the one-element state every stepped parameter has (checked by the gate)
-    required_scalar_state = ("step", PROD, BETA, RESTARTS, FALLBACKS)
+    required_scalar_state = ("step", PROD, BETA, RESTARTS, FALLBACKS, APPLIED)
     #: the per-element state tensors (checked by the gate, handed to the kernels)
     state_tensor_names = ("exp_avg", "exp_avg_sq")
 

@@ -27,7 +27,7 @@ from .hyperparameters import (
 from .optimizer import AMOptimizer
 from .planning import GroupPlan, Path
 from .sharding import local_view
-from .state import BETA, FALLBACKS, RESTARTS, new_scalar_state
+from .state import APPLIED, BETA, FALLBACKS, RESTARTS, new_scalar_state
 
 __all__ = ["AMSGD"]
 
@@ -99,7 +99,7 @@ class AMSGD(AMOptimizer):
         super().__init__(params, defaults, scope=scope, loss_estimate=loss_estimate, process_group=process_group)
 
     #: the one-element state every stepped parameter has (checked by the gate)
-    required_scalar_state = ("step", BETA, RESTARTS, FALLBACKS)
+    required_scalar_state = ("step", BETA, RESTARTS, FALLBACKS, APPLIED)
     #: the per-element state tensors (checked by the gate, handed to the kernels)
     state_tensor_names = ("momentum_buffer",)
 

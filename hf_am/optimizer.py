@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -106,11 +107,27 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
                     "Give every group the same lam, beta_min, beta_max and restart_threshold, or use "
                     "scope='group'/'tensor', where each group keeps its own"
                 )
+        self._warn_if_memory_is_kept_anyway(group)
         # Remember the group's shape before anybody (DeepSpeed) flattens it, so a
         # scope that a wrapper splits across step() calls can be detected.
         group.setdefault(INIT_TENSORS, len(group["params"]))
         group.setdefault(INIT_NUMEL, sum(optional_numel(p) for p in group["params"]))
         self._init_num_groups = len(self.param_groups)
+
+    def _warn_if_memory_is_kept_anyway(self, group: Dict[str, Any]) -> None:
+        """``beta_max = 0`` reads as "no momentum", but with ``lam > 0`` the update still keeps
+        ``lam/(1+lam)`` of it (docs/algorithm.md §2): say so, once per optimizer."""
+        lam, beta_max = group["lam"], self.beta_max_of(group)
+        if beta_max == 0 and lam > 0 and not self.__dict__.get("_warned_memory"):
+            self._warned_memory = True
+            name = "betas[0]" if self.beta_max_key == "betas" else self.beta_max_key
+            warnings.warn(
+                f"{type(self).__name__}: {name}=0 with lam={lam} still keeps lam/(1+lam) = {lam / (1 + lam):.4g} of the "
+                "momentum in every update (beta_max bounds beta, not the applied coefficient (beta + lam)/(1 + lam)); "
+                "pass lam=0 for no momentum",
+                UserWarning,
+                stacklevel=4,
+            )
 
     @classmethod
     def beta_max_of(cls, group: Dict[str, Any]) -> float:
@@ -167,8 +184,9 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
 
         for plan in plans:
             idx = self._device_constants.index(plan.scope_ids, layout.device)
-            self._apply_update(plan, applied.index_select(0, idx), restart.index_select(0, idx))
-            record_step(self, plan, coefficients, idx, restart.index_select(0, idx), loss)
+            applied_here, restart_here = applied.index_select(0, idx), restart.index_select(0, idx)
+            self._apply_update(plan, applied_here, restart_here)
+            record_step(self, plan, coefficients, idx, restart_here, applied_here * (1.0 - restart_here), loss)
             lr = plan.group["lr"]  # a tensor lr is updated in place by schedulers: keep a copy
             plan.group[PREV_LR] = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
         return loss

@@ -18,6 +18,7 @@ PROD = "am_prod"  # product of the applied coefficients (AM-AdamW bias correctio
 BETA = "am_beta"  # the scope's reported coefficient of the latest step (§9)
 RESTARTS = "am_restarts"  # number of momentum restarts of the scope so far (§7)
 FALLBACKS = "am_fallbacks"  # steps whose sums were not finite, so the coefficient fell back to beta_max (§2)
+APPLIED = "am_applied"  # the coefficient the latest update multiplied the old momentum by (0 on a restart, §9)
 PREV_LOSS = "am_prev_loss"  # loss of the previous step (loss_estimate="exact", §3)
 # Param-group keys.
 PREV_LR = "am_prev_lr"  # the previous step's learning rate (§3)
@@ -27,7 +28,7 @@ STATE_FORMAT_KEY = "am_state_format"  # written into every param group of state_
 
 #: Version of the layout of the AM state in ``state_dict()``.  Raise it whenever a
 #: key or its meaning changes, and teach :func:`check_state_format` to convert or refuse.
-#: 1: hf_am 0.1.0 (also checkpoints without the key);  2: adds ``am_fallbacks``.
+#: 1: hf_am 0.1.0 (also checkpoints without the key);  2: adds ``am_fallbacks`` and ``am_applied``.
 STATE_FORMAT = 2
 
 
@@ -48,6 +49,7 @@ def new_scalar_state(state: Dict[str, Any], local_p: torch.Tensor) -> None:
     state[BETA] = torch.zeros((), dtype=acc, device=local_p.device)
     state[RESTARTS] = torch.zeros((), dtype=acc, device=local_p.device)
     state[FALLBACKS] = torch.zeros((), dtype=acc, device=local_p.device)
+    state[APPLIED] = torch.zeros((), dtype=acc, device=local_p.device)
 
 
 def check_state_format(state_dict: Dict[str, Any], optimizer_name: str) -> None:
@@ -83,6 +85,7 @@ def restore_scalar_state(optimizer: torch.optim.Optimizer, state_dict: Dict[str,
     saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
     saved_state = state_dict["state"]
     current = list(chain.from_iterable(g["params"] for g in optimizer.param_groups))
+    lam_of = {id(p): float(g["lam"]) for g in optimizer.param_groups for p in g["params"]}
     for pid, p in zip(saved_ids, current):
         saved = saved_state.get(pid)
         if not saved:
@@ -94,6 +97,9 @@ def restore_scalar_state(optimizer: torch.optim.Optimizer, state_dict: Dict[str,
         state = optimizer.state[p]
         if RESTARTS in state and FALLBACKS not in state:  # format 1
             state[FALLBACKS] = torch.zeros_like(state[RESTARTS])
+        if BETA in state and APPLIED not in state:  # format 1: the applied coefficient of the reported one
+            lam = lam_of.get(id(p), 0.0)
+            state[APPLIED] = (state[BETA] + lam) / (1.0 + lam)
 
 
 def _saved_params(state_dict: Dict[str, Any], optimizer) -> List[Tuple[int, int, Any, torch.Tensor]]:
@@ -189,5 +195,6 @@ def adopt_foreign_state(optimizer, state_dict: Dict[str, Any]) -> Dict[str, Any]
         converted[BETA] = torch.tensor(beta1, dtype=acc)
         converted[RESTARTS] = torch.zeros((), dtype=acc)
         converted[FALLBACKS] = torch.zeros((), dtype=acc)
+        converted[APPLIED] = torch.tensor(beta1, dtype=acc)  # AdamW applied beta1
         new_state[pid] = converted
     return {**state_dict, "param_groups": new_groups, "state": new_state}

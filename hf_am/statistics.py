@@ -14,12 +14,13 @@ from typing import Any, Dict, Hashable, List
 import torch
 
 from .planning import GroupPlan
-from .state import BETA, FALLBACKS, PREV_LOSS, RESTARTS
+from .state import APPLIED, BETA, FALLBACKS, PREV_LOSS, RESTARTS
 
 
-def record_step(optimizer, plan: GroupPlan, coefficients, idx: torch.Tensor, restart: torch.Tensor, loss) -> None:
-    """Store the scope's reported coefficient, restart and fallback counts and (exact mode) the loss
-    in every member's state (``idx``: each tensor's scope)."""
+def record_step(optimizer, plan: GroupPlan, coefficients, idx: torch.Tensor, restart: torch.Tensor, memory: torch.Tensor, loss) -> None:
+    """Store the scope's reported and applied coefficients, restart and fallback counts and (exact mode)
+    the loss in every member's state (``idx``: each tensor's scope; ``memory``: the coefficient the
+    update multiplied this tensor's old momentum by, 0 after a restart)."""
     states = [optimizer.state[p] for p in plan.params]
     reps: Dict[Hashable, Dict[str, Any]] = optimizer._scope_reps
     for i, (state, pos) in enumerate(zip(states, plan.positions)):
@@ -30,6 +31,7 @@ def record_step(optimizer, plan: GroupPlan, coefficients, idx: torch.Tensor, res
     torch._foreach_copy_([s[BETA] for s in states], list(coefficients.reported.index_select(0, idx).unbind(0)))
     torch._foreach_add_([s[RESTARTS] for s in states], list(restart.unbind(0)))
     torch._foreach_add_([s[FALLBACKS] for s in states], list(coefficients.fallback.index_select(0, idx).unbind(0)))
+    torch._foreach_copy_([s[APPLIED] for s in states], list(memory.unbind(0)))
     if optimizer.loss_estimate == "exact":
         value = torch.as_tensor(loss).detach()
         for s in states:
@@ -55,32 +57,42 @@ class BetaStatistics:
         return reps[:1] if self.scope == "model" else reps
 
     def beta_summary_tensor(self) -> torch.Tensor:
-        """``[mean, min, max, restarts, fallbacks]`` of the latest step over scopes (float64, on the
-        device, without a host sync).
+        """``[mean, min, max, restarts, fallbacks, applied_mean, applied_min, applied_max]`` of the latest
+        step over scopes (float64, on the device, without a host sync).
 
-        ``restarts`` is the total number of momentum restarts so far, ``fallbacks``
-        the total number of scope-steps whose sums were not finite (the coefficient
-        fell back to ``beta_max``), both summed over scopes.  Accumulate this tensor
-        between logging steps and read it once.
+        ``mean/min/max`` are of the reported coefficient ``beta`` (§9), ``applied_*`` of the coefficient
+        the update multiplied the old momentum by (``(beta + lam)/(1 + lam)``, 0 after a restart: how
+        much memory is kept).  ``restarts`` is the total number of momentum restarts so far,
+        ``fallbacks`` the total number of scope-steps whose sums were not finite (the coefficient fell
+        back to ``beta_max``), both summed over scopes.  Accumulate this tensor between logging steps
+        and read it once.
         """
         reps = self._scope_states()
         if not reps:
-            return torch.full((5,), math.nan, dtype=torch.float64)
+            return torch.full((8,), math.nan, dtype=torch.float64)
         betas = torch.stack([s[BETA].double() for s in reps])
+        applied = torch.stack([s[APPLIED].double() if APPLIED in s else s[BETA].double() * math.nan for s in reps])
         restarts = torch.stack([s[RESTARTS].double() for s in reps]).sum()
         fallbacks = torch.stack([s[FALLBACKS].double() if FALLBACKS in s else s[RESTARTS].double() * 0 for s in reps]).sum()
-        return torch.stack([betas.mean(), betas.min(), betas.max(), restarts, fallbacks])
+        return torch.stack(
+            [betas.mean(), betas.min(), betas.max(), restarts, fallbacks, applied.mean(), applied.min(), applied.max()]
+        )
 
     def beta_stats(self) -> Dict[str, float]:
-        """The latest step's ``beta`` over scopes as Python numbers (synchronises).
+        """The latest step's coefficients over scopes as Python numbers (synchronises).
 
-        Keys: ``beta`` (mean over scopes), ``beta_min``, ``beta_max``, ``restarts``
-        (total momentum restarts so far, summed over scopes) and ``fallbacks``
-        (scope-steps whose sums were not finite, so the coefficient stopped adapting).
+        Keys: ``beta`` (mean over scopes of the reported coefficient), ``beta_min``, ``beta_max``,
+        ``applied``, ``applied_min``, ``applied_max`` (the coefficient the update multiplied the old
+        momentum by: how much memory is kept), ``restarts`` (total momentum restarts so far, summed
+        over scopes) and ``fallbacks`` (scope-steps whose sums were not finite, so the coefficient
+        stopped adapting).
         """
         self.check_layout()
-        mean, lo, hi, restarts, fallbacks = self.beta_summary_tensor().tolist()
-        return {"beta": mean, "beta_min": lo, "beta_max": hi, "restarts": restarts, "fallbacks": fallbacks}
+        mean, lo, hi, restarts, fallbacks, a_mean, a_lo, a_hi = self.beta_summary_tensor().tolist()
+        return {
+            "beta": mean, "beta_min": lo, "beta_max": hi, "restarts": restarts, "fallbacks": fallbacks,
+            "applied": a_mean, "applied_min": a_lo, "applied_max": a_hi,
+        }  # fmt: skip
 
     @property
     def beta(self) -> float:

@@ -26,7 +26,12 @@ logger = logging.getLogger(__name__)
 #: * ``am_restarts``: total momentum restarts so far (summed over scopes; 0 unless ``restart_threshold`` is set);
 #: * ``am_fallbacks``: total scope-steps so far whose sums were not finite (a NaN/inf gradient), where the
 #:   coefficient fell back to ``beta_max`` instead of adapting (docs/algorithm.md §2, §9).
-LOG_KEYS: Tuple[str, ...] = ("am_beta", "am_beta_min", "am_beta_max", "am_restarts", "am_fallbacks")
+#: * ``am_beta_applied`` / ``_min`` / ``_max``: the same for the coefficient the update multiplied the old momentum
+#:   by, ``(beta + lam)/(1 + lam)`` (0 on a restart step): how much memory was actually kept.
+LOG_KEYS: Tuple[str, ...] = (
+    "am_beta", "am_beta_min", "am_beta_max", "am_beta_applied", "am_beta_applied_min", "am_beta_applied_max",
+    "am_restarts", "am_fallbacks",
+)  # fmt: skip
 
 
 def check_launch_is_distributed(args) -> None:
@@ -119,14 +124,13 @@ class _AMCallbackLogic:
         except Exception:  # a wrapper whose flag is not ready: count the step
             pass
         summary = self._am.beta_summary_tensor().detach()
+        means, lows, highs = summary[[0, 5]], summary[[1, 6]], summary[[2, 7]]  # reported, applied
         if self._count == 0:
-            self._sum = summary[0].clone()
-            self._min = summary[1].clone()
-            self._max = summary[2].clone()
+            self._sum, self._min, self._max = means.clone(), lows.clone(), highs.clone()
         else:
-            self._sum.add_(summary[0])
-            torch.minimum(self._min, summary[1], out=self._min)
-            torch.maximum(self._max, summary[2], out=self._max)
+            self._sum.add_(means)
+            torch.minimum(self._min, lows, out=self._min)
+            torch.maximum(self._max, highs, out=self._max)
         self._totals = summary[3:5].clone()  # restarts, fallbacks: running totals
         self._count += 1
 
@@ -134,13 +138,16 @@ class _AMCallbackLogic:
         if self._am is None or logs is None or "loss" not in logs or self._count == 0:
             return
         self._am.check_layout()  # logging synchronises anyway: surface a rank disagreement here
-        mean, lo, hi, restarts, fallbacks = torch.cat(
-            [torch.stack([self._sum / self._count, self._min, self._max]), self._totals]
+        (mean, a_mean), (lo, a_lo), (hi, a_hi), (restarts, fallbacks) = torch.stack(
+            [self._sum / self._count, self._min, self._max, self._totals]
         ).tolist()
         stats = {
             "am_beta": mean,
             "am_beta_min": lo,
             "am_beta_max": hi,
+            "am_beta_applied": a_mean,
+            "am_beta_applied_min": a_lo,
+            "am_beta_applied_max": a_hi,
             "am_restarts": int(round(restarts)),
             "am_fallbacks": int(round(fallbacks)),
         }

@@ -44,7 +44,7 @@ def test_step_never_synchronises_on_cuda(name, scope, variant):
             summary = opt.beta_summary_tensor()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert summary.is_cuda and summary.shape == (4,)
+    assert summary.is_cuda and summary.shape == (8,)
 
 
 def test_sync_debug_mode_catches_a_sync():
