@@ -52,21 +52,27 @@ def _overlaps(t: torch.Tensor) -> bool:
 
 
 def _check_one(optimizer, plan, i: int, lp: torch.Tensor, lg: torch.Tensor, state) -> None:
-    if _overlaps(lp):
+    shape, dtype, device = lp.shape, lp.dtype, lp.device  # read once: each read builds a Python object
+    if not lp.is_contiguous() and _overlaps(lp):
         raise _mismatch(
             optimizer, plan, i, "the parameter", f"strides {lp.stride()} (elements share memory)", "a tensor whose elements "
             "each have their own memory", "An expanded view cannot be updated in place: pass a materialised tensor (.clone()).",
         )  # fmt: skip
-    if lg.shape != lp.shape or lg.dtype != lp.dtype or lg.device != lp.device:
+    if lg.shape != shape or lg.dtype != dtype or lg.device != device:
         raise _mismatch(
             optimizer, plan, i, "its gradient", _describe(lg), _describe(lp),
             "A gradient must have its parameter's shape, dtype and device.",
         )  # fmt: skip
     if not state:
         return
-    missing = [name for name in optimizer.required_scalar_state if name not in state]
-    if missing:
-        raise _mismatch(optimizer, plan, i, "its state", f"no {missing}", f"the keys {list(optimizer.required_scalar_state)}", _STATE_HINT)
+    for name in optimizer.required_scalar_state:
+        t = state.get(name)
+        if not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.is_floating_point() or t.device != device:
+            if name not in state:
+                missing = [k for k in optimizer.required_scalar_state if k not in state]
+                raise _mismatch(optimizer, plan, i, "its state", f"no {missing}", f"the keys {list(optimizer.required_scalar_state)}", _STATE_HINT)
+            found = f"device {t.device}" if isinstance(t, torch.Tensor) and t.numel() == 1 and t.is_floating_point() else repr(t)[:80]
+            raise _mismatch(optimizer, plan, i, f"state {name!r}", found, f"a one-element floating tensor on {device}", _STATE_HINT)
     for name in optimizer.state_tensor_names:
         if name not in state:
             continue
@@ -74,11 +80,5 @@ def _check_one(optimizer, plan, i: int, lp: torch.Tensor, lg: torch.Tensor, stat
         if not isinstance(t, torch.Tensor):
             raise _mismatch(optimizer, plan, i, f"state {name!r}", type(t).__name__, f"a tensor ({_describe(lp)})", _STATE_HINT)
         lt = local_view(t)
-        if lt.shape != lp.shape or lt.dtype != lp.dtype or lt.device != lp.device:
+        if lt.shape != shape or lt.dtype != dtype or lt.device != device:
             raise _mismatch(optimizer, plan, i, f"state {name!r}", _describe(lt), _describe(lp), _STATE_HINT)
-    for name in optimizer.required_scalar_state:
-        t = state[name]
-        if not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.is_floating_point():
-            raise _mismatch(optimizer, plan, i, f"state {name!r}", repr(t)[:80], "a one-element floating tensor", _STATE_HINT)
-        if t.device != lp.device:
-            raise _mismatch(optimizer, plan, i, f"state {name!r}", f"device {t.device}", f"device {lp.device}", _STATE_HINT)
