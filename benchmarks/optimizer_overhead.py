@@ -18,7 +18,10 @@ they apply; ", foreach" rows force the multi-tensor path.
 ZeRO-Offload optimizer; JIT-built by DeepSpeed's op builder on first use, about a
 minute) and steps every candidate on one flat tensor of the given size as well
 (one ZeRO partition, as ZeRO-Offload hands the optimizer), so its column compares
-like with like.  DeepSpeed is only needed for this flag.
+like with like.  DeepSpeed is only needed for this flag.  It also adds the row
+"probe: read g, m, v" (no optimizer: one ``torch.sum`` pass over each gradient and two
+state-sized tensors), the memory traffic of AM's read-only first phase: "AdamW fused"
+plus the probe is what a two-pass step costs where reading memory is the bottleneck.
 """
 
 from __future__ import annotations
@@ -102,6 +105,23 @@ def _deepspeed_cpu_adam():
 
 
 DS_NAME = "DeepSpeedCPUAdam"
+PROBE_NAME = "probe: read g, m, v"
+
+
+class ReadProbe:
+    """Not an optimizer: one read-only pass over each gradient and two state-sized tensors
+    (``torch.sum``), i.e. the memory traffic of AM's first phase.  ``AdamW fused`` plus this is
+    the floor of a two-pass step on a machine where reading memory is the bottleneck."""
+
+    def __init__(self, params):
+        self.params = [p for p in params if p.grad is not None]
+        self.state = {p: {"m": torch.zeros_like(p), "v": torch.zeros_like(p)} for p in self.params}
+
+    def step(self):
+        for p in self.params:
+            p.grad.sum()
+            self.state[p]["m"].sum()
+            self.state[p]["v"].sum()
 
 
 def _default_path(device: str, dtype: torch.dtype) -> str:
@@ -157,6 +177,7 @@ def main(argv=None) -> int:
         make_ds = _deepspeed_cpu_adam() if args.device == "cpu" and args.dtype == "float32" else None
         if make_ds is not None:
             candidates[DS_NAME] = make_ds
+            candidates[PROBE_NAME] = ReadProbe
             layouts.append("flat")
     baseline_of = {name: ("SGD (foreach)" if "SGD" in name else "AdamW (foreach)") for name in candidates}
     show_ds = DS_NAME in candidates
@@ -193,7 +214,7 @@ def main(argv=None) -> int:
                 base = round_medians.get(baseline_of[name])
                 if base:
                     ratios.setdefault(name, []).append(t / base)
-                if "AdamW (fused)" in round_medians and "Adam" in name:
+                if "AdamW (fused)" in round_medians and ("Adam" in name or name == PROBE_NAME):
                     fused_ratios.setdefault(name, []).append(t / round_medians["AdamW (fused)"])
                 if DS_NAME in round_medians:
                     ds_ratios.setdefault(name, []).append(t / round_medians[DS_NAME])
