@@ -223,3 +223,19 @@ def refuse_unsupported(optimizer_name: str, options: Mapping[str, Any]) -> None:
     for key, value in options.items():
         if value is not None and value is not False:
             raise ValueError(f"{optimizer_name} does not support {key}={value!r}: {UNSUPPORTED_TORCH_OPTIONS[key]}")
+
+
+def revalidate_changed_options(optimizer) -> None:
+    """Options written into ``param_groups`` after construction (a scheduler's new lr, a user's edit)
+    are checked again before a step uses them, so a bad one raises before anything changes.
+    Unchanged options (same values, same tensor objects) cost one tuple comparison per group."""
+    seen = optimizer.__dict__.setdefault("_validated_options", {})
+    for group in optimizer.param_groups:
+        key = tuple(
+            (k, ("tensor", id(v), v.dtype, v.shape, v.device) if isinstance(v, torch.Tensor) else v)
+            for k, v in group.items()
+            if k != "params" and not k.startswith("am_")
+        )
+        if seen.get(id(group)) != key:
+            optimizer.validate_group_options(group)
+            seen[id(group)] = key

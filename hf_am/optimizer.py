@@ -26,7 +26,7 @@ import torch
 
 from .coefficient import step_coefficients
 from .device_constants import DeviceConstants
-from .hyperparameters import Hyperparameters, Rule, validate_group, validate_scope
+from .hyperparameters import Hyperparameters, Rule, revalidate_changed_options, validate_group, validate_scope
 from .planning import GroupPlan, Layout, choose_path, state_lists, plan_step
 from .reduction import LayoutGuard, scope_sums
 from .sharding import local_view, optional_numel
@@ -36,6 +36,7 @@ from .state import (
     PREV_LOSS,
     PREV_LR,
     adopt_foreign_state,
+    check_saved_options,
     check_state_fits,
     check_state_format,
     mark_state_format,
@@ -153,7 +154,7 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
             raise ValueError(
                 "loss_estimate='exact' needs the loss: call step(closure) with a closure that returns it"
             )
-        self._revalidate_changed_options()
+        revalidate_changed_options(self)
         plans, layout = plan_step(self)
         if not plans and not layout.groups_for_key:
             return loss
@@ -257,47 +258,13 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
             raise TypeError(f"{name}.load_state_dict expects an optimizer state dict (keys 'state' and 'param_groups'), got {found}")
         check_state_format(state_dict, name)
         state_dict = adopt_foreign_state(self, state_dict)
-        self._check_saved_options(state_dict)
+        check_saved_options(self, state_dict)
         check_state_fits(self, state_dict)
         super().load_state_dict(state_dict)
         restore_scalar_state(self, state_dict)
         self._guard.forget()
         self._load_count += 1
         self._scope_reps.clear()
-
-    def _check_saved_options(self, state_dict: Dict[str, Any]) -> None:
-        """The options of every saved param group must pass the constructor's rules (checked on a copy)."""
-        name = type(self).__name__
-        for index, saved in enumerate(state_dict["param_groups"]):
-            if not isinstance(saved, dict) or "params" not in saved:
-                raise ValueError(f"{name}.load_state_dict: param group {index} is not a param group ({type(saved).__name__})")
-            identity = [self.beta_max_key, *(["eps"] if self.beta_max_key == "betas" else [])]
-            missing = [k for k in identity if k not in saved]
-            if missing:
-                raise ValueError(
-                    f"{name}.load_state_dict: param group {index} has no {missing}: the state dict was written by "
-                    "another optimizer. Nothing was loaded"
-                )
-            options = {**{k: v for k, v in self.defaults.items() if k not in saved}, **saved}
-            try:
-                self.validate_group_options(options)
-            except (ValueError, TypeError) as exc:
-                raise ValueError(f"{name}.load_state_dict: param group {index}: {exc}. Nothing was loaded") from None
-
-    def _revalidate_changed_options(self) -> None:
-        """Options written into ``param_groups`` after construction (a scheduler's new lr, a user's edit)
-        are checked again before a step uses them, so a bad one raises before anything changes.
-        Unchanged options (same values, same tensor objects) cost one tuple comparison per group."""
-        seen = self.__dict__.setdefault("_validated_options", {})
-        for group in self.param_groups:
-            key = tuple(
-                (k, ("tensor", id(v), v.dtype, v.shape, v.device) if isinstance(v, torch.Tensor) else v)
-                for k, v in group.items()
-                if k != "params" and not k.startswith("am_")
-            )
-            if seen.get(id(group)) != key:
-                self.validate_group_options(group)
-                seen[id(group)] = key
 
     # ------------------------------------------------------------------- copies
     #: attributes beyond torch's (defaults, state, param_groups) that a copy must keep

@@ -198,3 +198,23 @@ def adopt_foreign_state(optimizer, state_dict: Dict[str, Any]) -> Dict[str, Any]
         converted[APPLIED] = torch.tensor(beta1, dtype=acc)  # AdamW applied beta1
         new_state[pid] = converted
     return {**state_dict, "param_groups": new_groups, "state": new_state}
+
+
+def check_saved_options(optimizer, state_dict: Dict[str, Any]) -> None:
+    """The options of every saved param group must pass the constructor's rules (checked on a copy)."""
+    name = type(optimizer).__name__
+    for index, saved in enumerate(state_dict["param_groups"]):
+        if not isinstance(saved, dict) or "params" not in saved:
+            raise ValueError(f"{name}.load_state_dict: param group {index} is not a param group ({type(saved).__name__})")
+        identity = [optimizer.beta_max_key, *(["eps"] if optimizer.beta_max_key == "betas" else [])]
+        missing = [k for k in identity if k not in saved]
+        if missing:
+            raise ValueError(
+                f"{name}.load_state_dict: param group {index} has no {missing}: the state dict was written by "
+                "another optimizer. Nothing was loaded"
+            )
+        options = {**{k: v for k, v in optimizer.defaults.items() if k not in saved}, **saved}
+        try:
+            optimizer.validate_group_options(options)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{name}.load_state_dict: param group {index}: {exc}. Nothing was loaded") from None
