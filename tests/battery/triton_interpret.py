@@ -98,8 +98,37 @@ VARIANTS = {
 }
 
 
+def gate_cases():
+    """Tensors that do not fit their parameter never reach the Triton kernels: a state tensor of
+    another dtype (``model.to(float16)`` after a step) or size is a RuntimeError before any launch."""
+    out = {}
+    for case in ("dtype", "size"):
+        model = make_model(torch.float32)
+        opt = AMAdamW(model.parameters(), lr=1e-2, fused=True)
+        x, y = torch.randn(8, 130), torch.randn(8, 3)
+        train(model, opt, [(x, y)])
+        if case == "dtype":
+            model.to(torch.float16)
+            x, y = x.half(), y.half()
+        else:
+            first = next(iter(model.parameters()))
+            opt.state[first]["exp_avg_sq"] = torch.zeros(7)
+        triton_kernels._blocks_cache.clear()
+        before = [p.detach().clone() for p in model.parameters()]
+        try:
+            train(model, opt, [(x, y)])
+            out[case] = {"error": None}
+        except RuntimeError as exc:
+            out[case] = {
+                "error": str(exc),
+                "launched": len(triton_kernels._blocks_cache) > 0,
+                "unchanged": all(torch.equal(a, b) for a, b in zip(before, model.parameters())),
+            }
+    return out
+
+
 def main(out):
-    results = {}
+    results = {"gate": gate_cases()}
     for name in ("am_adamw", "am_sgd"):
         for dtype in INTERPRETED_DTYPES:
             for key, variant in VARIANTS.items():
