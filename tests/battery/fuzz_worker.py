@@ -49,7 +49,8 @@ import traceback
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("HF_AM_NO_TRAINER_PATCH", "1")
+# (test_fuzz.py starts the workers with HF_AM_NO_TRAINER_PATCH=1; nothing is set here, because
+# test_fuzz.py imports this module into the pytest process, whose later subprocesses inherit os.environ)
 
 import faulthandler
 import numpy as np

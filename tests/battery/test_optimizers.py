@@ -672,7 +672,7 @@ def test_beta_statistics_api():
     opt = AMAdamW(model.parameters(), scope="tensor")
     train(model, opt, make_batches(5))
     stats = opt.beta_stats()
-    assert set(stats) == {"beta", "beta_min", "beta_max", "restarts", "fallbacks"}
+    assert set(stats) == {"beta", "beta_min", "beta_max", "restarts", "fallbacks", "applied", "applied_min", "applied_max"}
     assert stats["fallbacks"] == 0
     per_scope = opt.betas_per_scope()
     assert per_scope.numel() == len(list(model.parameters()))
