@@ -8,10 +8,11 @@ Every run trains the tiny Llama of the Trainer tests with a real ``Trainer`` and
 equal it: final parameters to 1e-6 and every step's beta to 1e-5 (float32). Every test also
 asserts which engine really ran (DDP wrapper, DeepSpeed engine at the asked ZeRO stage with the
 AM optimizer summing over ZeRO's data-parallel group, DTensor parameters for FSDP2), because on
-CPU accelerate may quietly train something else -- and does: with the shipped DeepSpeed and FSDP2
-multi-node configs it trains DDP on CPU (pinned below), so ZeRO-2, ZeRO-3 and FSDP2 across two
-nodes are tested through ``torchrun`` with the Trainer's own ``deepspeed=`` config and
-``distributed_config``, as ``tests/integrations/test_trainer_distributed.py`` does for 2 processes.
+CPU accelerate may quietly train something else -- and does: with the shipped FSDP2 multi-node
+config it trains DDP on CPU (pinned below; the ZeRO-2 config does run DeepSpeed), so ZeRO-2, ZeRO-3
+and FSDP2 across two nodes are also tested through ``torchrun`` with the Trainer's own
+``deepspeed=`` config and ``distributed_config``, as ``tests/integrations/test_trainer_distributed.py``
+does for 2 processes.
 
 The torchrun runs use ``trainer_worker.py`` (full ``assert_same_training``: every step's beta
 mean/min/max/restarts and every scope's beta); the accelerate runs use the unmodified
@@ -335,19 +336,19 @@ def test_accelerate_two_machines_ddp_equals_one_process(model_dir, reference, tm
 
 
 @pytest.mark.parametrize("name", ["multi_node_deepspeed_zero2.yaml", "multi_node_fsdp2.yaml"], ids=["zero2", "fsdp2"])
-def test_accelerate_two_machines_sharded_configs_train_ddp_on_cpu_and_equal_one_process(model_dir, reference, tmp_path, name):
+def test_accelerate_two_machines_sharded_configs_equal_one_process(model_dir, reference, tmp_path, name):
     """The shipped ZeRO-2 / FSDP2 multi-node configs (with ``use_cpu: true``, ``mixed_precision: 'no'``) on
-    two machines. accelerate cannot run these engines on CPU: its ``AcceleratorState`` selects DeepSpeed
-    only ``and not cpu``, and FSDP only among the GPU-like distributed types, so with ``use_cpu`` it trains
-    plain DDP over the two machines. This test pins that (the run is DDP, hf_am warns that the DeepSpeed
-    config went unused, and the training is exact); ZeRO-2/3 and FSDP2 themselves across two nodes are
-    the torchrun tests above, with the Trainer's own ``deepspeed=`` config and ``distributed_config``,
-    which do engage on CPU."""
+    two machines, through ``-m hf_am.run`` with the script's ``--use_cpu``. ZeRO-2 really runs DeepSpeed
+    across the two machines (``hf_am.run`` leaves DeepSpeed launches' accelerate state alone: a CPU-only
+    state would make accelerate train DDP). accelerate cannot run FSDP on CPU (it selects FSDP only
+    among the GPU-like distributed types), so the FSDP2 config trains plain DDP: pinned here; FSDP2
+    itself across two nodes is the torchrun test above. Both are exact."""
     got = run_accelerate_nodes(tmp_path, model_dir, shipped_config_for_cpu(tmp_path, name))
-    _check_ddp(got["evidence"])
     if "deepspeed" in name:
-        assert "asks for DeepSpeed, but training runs without it" in got["output"], got["output"][-3000:]
-    _check_script_run(f"accelerate 2x1 {name} (DDP on CPU)", got, reference)
+        _check_deepspeed(got["evidence"], 2)
+    else:
+        _check_ddp(got["evidence"])
+    _check_script_run(f"accelerate 2x1 {name}", got, reference)
 
 
 def test_accelerate_two_machines_zero3_config_on_cpu_is_never_silently_wrong(model_dir, reference, tmp_path):
