@@ -311,3 +311,12 @@ def run_timer() -> Callable[[], float]:
     t0 = time.perf_counter()
     return lambda: time.perf_counter() - t0
 
+
+def finish(out: Path, results: Dict, markdown_text: str, plot: Callable, timer: Callable[[], float]) -> Dict:
+    """Record the run time and write what every experiment writes: results.json, results.md, the plots."""
+    results["seconds"] = timer()
+    write_json(out / "results.json", results)
+    (out / "results.md").write_text(markdown_text)
+    plot(results, out)
+    print(f"wrote {out} in {results['seconds']:.1f} s")
+    return results

@@ -198,12 +198,7 @@ def main(argv=None):
             ds["by_lr"].append(entry)
             print(f"{name} lr={factor:g}/L: " + ", ".join(f"{r['label']}: {C.fmt(r['final_gap'])}" for r in runs), flush=True)
         results["datasets"].append(ds)
-    results["seconds"] = timer()
-    C.write_json(out / "results.json", results)
-    (out / "results.md").write_text(markdown(results))
-    plot(results, out)
-    print(f"wrote {out} in {results['seconds']:.1f} s")
-    return results
+    return C.finish(out, results, markdown(results), plot, timer)
 
 
 def markdown(results) -> str:

@@ -186,12 +186,7 @@ def main(argv=None):
                                    "max_param_diff": max(float((a - b).abs().max()) for a, b in zip(base["params"], pinned["params"])),
                                    "final_loss_baseline": base["final_loss"], "final_loss_pinned": pinned["final_loss"]}
         results["families"][fam] = fam_res
-    results["seconds"] = timer()
-    C.write_json(out / "results.json", results)
-    (out / "results.md").write_text(markdown(results))
-    plot(results, out)
-    print(f"wrote {out} in {results['seconds']:.1f} s")
-    return results
+    return C.finish(out, results, markdown(results), plot, timer)
 
 
 def markdown(results) -> str:

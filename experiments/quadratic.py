@@ -171,12 +171,7 @@ def main(argv=None):
                      "-" if r["iters_to_1e-6"] is None else r["iters_to_1e-6"],
                      "-" if r["beta_mean"] is None else f"{r['beta_mean']:.3f}"] for r in prob["runs"]]
             md.append(C.markdown_table(["config", "final gap", "best gap", "iters to 1e-6", "mean beta"], rows))
-    results["seconds"] = timer()
-    C.write_json(out / "results.json", results)
-    (out / "results.md").write_text("".join(md))
-    plot(results, out)
-    print(f"wrote {out} in {results['seconds']:.1f} s")
-    return results
+    return C.finish(out, results, "".join(md), plot, timer)
 
 
 def plot(results, out: Path):

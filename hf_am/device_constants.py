@@ -30,6 +30,3 @@ class DeviceConstants:
     def index(self, ids: List[int], device) -> torch.Tensor:
         """``ids`` as a ``long`` tensor on ``device``."""
         return self.get(("index", device, tuple(ids)), lambda: torch.tensor(ids, dtype=torch.long, device=device))
-
-    def clear(self) -> None:
-        self._entries.clear()

@@ -72,11 +72,6 @@ def normalise_number(value):
     return value
 
 
-def check_range(name: str, value, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
-
-
 @dataclass(frozen=True)
 class Rule:
     """One checked value: where it lives, how messages name it, what is allowed.
