@@ -187,9 +187,9 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
             idx = self._device_constants.index(plan.scope_ids, layout.device)
             applied_here, restart_here = applied.index_select(0, idx), restart.index_select(0, idx)
             self._apply_update(plan, applied_here, restart_here)
-            record_step(self, plan, coefficients, idx, restart_here, applied_here * (1.0 - restart_here), loss)
             lr = plan.group["lr"]  # a tensor lr is updated in place by schedulers: keep a copy
             plan.group[PREV_LR] = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
+        record_step(self, plans, coefficients, restart, layout.device, loss)
         return loss
 
     def _scope_hyperparameters(self, layout: Layout) -> Hyperparameters:

@@ -35,18 +35,29 @@ def scope_sums(
     n_scopes, acc, device = layout.n_scopes, layout.acc, layout.device
     by_key: Dict[Hashable, List[torch.Tensor]] = {}
     index_by_key: Dict[Hashable, List[int]] = {}
+    whole_blocks: List[torch.Tensor] = []  # rows of whole tensors (key None), in plan order
+    whole_index: List[int] = []
     for plan, sums in zip(plans, partials):
         eta = plan.group["lr"]
         eta_prev = plan.group.get(PREV_LR, eta)
         weight_b = eta if exact else eta + eta_prev
         sums = sums.to(acc)
         weighted = torch.stack((sums[:, 0] * eta, sums[:, 1] * weight_b, sums[:, 2] * eta), dim=1)
+        if all(key is None for key in plan.keys):  # the usual case: the group's rows as one block
+            whole_blocks.append(weighted)
+            whole_index.extend(plan.scope_ids)
+            continue
         for i, key in enumerate(plan.keys):
-            by_key.setdefault(key, []).append(weighted[i])
-            index_by_key.setdefault(key, []).append(plan.scope_ids[i])
+            if key is None:
+                whole_blocks.append(weighted[i : i + 1])
+                whole_index.append(plan.scope_ids[i])
+            else:
+                by_key.setdefault(key, []).append(weighted[i])
+                index_by_key.setdefault(key, []).append(plan.scope_ids[i])
     total = torch.zeros(n_scopes, 3, dtype=acc, device=device)
-    if None in by_key:  # whole tensors: nothing to reduce
-        total.index_add_(0, constants.index(index_by_key[None], device), torch.stack(by_key[None]))
+    if whole_blocks:  # whole tensors: nothing to reduce
+        rows = whole_blocks[0] if len(whole_blocks) == 1 else torch.cat(whole_blocks)
+        total.index_add_(0, constants.index(whole_index, device), rows)
     mismatch = None
     for key, pgroups in layout.groups_for_key.items():  # param order: the same keys, in the same order, on every rank
         # Two extra rows carry [1, h1, h2], [h3, 0, 0]: a fingerprint of which of the key's

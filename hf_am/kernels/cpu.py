@@ -72,7 +72,14 @@ class _Call:
         """Per-tensor scalars as a contiguous float64 CPU tensor's address (None: NULL)."""
         if values is None:
             return None
-        values = values.detach().to(device="cpu", dtype=torch.float64).reshape(-1).contiguous()
+        # Only the ops needed: the values are usually float64 CPU vectors already, and each op
+        # costs a few microseconds of dispatch (x6 per call).  The kernel reads the memory only.
+        if values.dtype != torch.float64 or values.device.type != "cpu":
+            values = values.to(device="cpu", dtype=torch.float64)
+        if values.dim() != 1:
+            values = values.reshape(-1)
+        if not values.is_contiguous():
+            values = values.contiguous()
         if values.numel() != self.n:
             values = values.expand(self.n).contiguous()
         self.keep.append(values)

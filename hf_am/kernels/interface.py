@@ -89,18 +89,26 @@ def tensor_problem(lists: TensorLists, dtypes: tuple, device_type: str) -> Optio
     dtype, device = tensors[0].dtype, tensors[0].device
     if dtype not in dtypes:
         return f"dtype {dtype} (the kernels take {', '.join(str(d).replace('torch.', '') for d in dtypes)})"
+    if device.type != device_type:
+        return f"a tensor on {device} (the kernels run on one {device_type} device)"
     for t in tensors:
-        if t.device != device or t.device.type != device_type:
+        if t.device != device:
             return f"a tensor on {t.device} (the kernels run on one {device_type} device)"
         if t.dtype != dtype:
             return f"mixed dtypes {dtype} and {t.dtype}"
+    if any(len(lst) != len(lists[0]) for lst in lists[1:]):
+        return "tensor lists of different lengths"
     for i, first in enumerate(lists[0]):
-        if not is_dense(first):
+        first_contiguous = first.is_contiguous()
+        if not first_contiguous and not is_dense(first):
             return f"tensor {i} is a strided view, not dense in memory (shape {tuple(first.shape)}, strides {first.stride()})"
+        shape = first.shape
         for lst in lists[1:]:
-            if len(lst) != len(lists[0]):
-                return "tensor lists of different lengths"
-            if not _same_layout(first, lst[i]):
+            other = lst[i]
+            # the common case, cheaply: two contiguous tensors of one shape share one layout
+            if first_contiguous and other.shape == shape and other.is_contiguous():
+                continue
+            if not _same_layout(first, other):
                 return (
                     f"tensor {i}: a parameter and its gradient or state differ in shape or memory layout "
                     f"({tuple(first.shape)} strides {first.stride()} vs {tuple(lst[i].shape)} strides {lst[i].stride()})"
