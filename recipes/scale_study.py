@@ -116,12 +116,15 @@ def run_command(args, run: dict, run_dir: Path) -> list[str]:
     ]
     if args.dataset:
         cmd += ["--dataset", args.dataset]
-    if args.learning_rate is not None:
-        cmd += ["--learning_rate", str(args.learning_rate)]
+    # a grid point may carry its own rate and optimizer arguments (experiments/llama_study.py)
+    learning_rate = run.get("learning_rate", args.learning_rate)
+    if learning_rate is not None:
+        cmd += ["--learning_rate", str(learning_rate)]
     if args.max_steps is not None:
         cmd += ["--max_steps", str(args.max_steps)]
-    if args.am_optim_args and run["optim"].startswith("am_"):
-        cmd += ["--optim_args", args.am_optim_args]
+    optim_args = run.get("optim_args", args.am_optim_args if run["optim"].startswith("am_") else None)
+    if optim_args:
+        cmd += ["--optim_args", optim_args]
     cmd += shlex.split(args.extra_args or "")
     return cmd
 
@@ -550,9 +553,56 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
+def run_locally(args, todo: list[dict], out_dir: Path) -> list[str]:
+    """Run the grid points ``todo`` on this machine, ``args.jobs`` at a time, with progress bars.
+
+    Returns the names of the runs that failed (each has a ``failed.json`` in its folder).
+    """
     from tqdm.auto import tqdm
 
+    t0 = time.time()
+    failures: list[str] = []
+    with tqdm(total=len(todo), desc="scale study", unit="run", position=0, disable=args.no_progress,
+              dynamic_ncols=True) as bar:
+
+        def one(r, slot):
+            ok = execute(args, r, out_dir / "runs" / r["name"], position=1 + slot)
+            if not ok:
+                failures.append(r["name"])
+                tqdm.write(f"[scale_study] run {r['name']} FAILED, see {out_dir / 'runs' / r['name'] / 'train.log'}")
+            else:
+                tqdm.write(f"[scale_study] finished {r['name']} ({time.time() - t0:.0f}s since start)")
+            bar.update(1)
+
+        if args.jobs == 1:
+            for r in todo:
+                bar.set_postfix_str(r["name"])
+                one(r, 0)
+        else:
+            import queue
+            import threading
+
+            pending: queue.Queue = queue.Queue()
+            for r in todo:
+                pending.put(r)
+
+            def worker(slot):
+                while True:
+                    try:
+                        r = pending.get_nowait()
+                    except queue.Empty:
+                        return
+                    one(r, slot)
+
+            threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.jobs)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    return failures
+
+
+def main(argv=None) -> int:
     args = parse_args(argv)
     out_dir = Path(args.output_dir).resolve()
     runs = grid(args)
@@ -581,44 +631,7 @@ def main(argv=None) -> int:
             print("[scale_study] --jobs > 1 only with --launcher python; running one at a time", flush=True)
             args.jobs = 1
         t0 = time.time()
-        failures = []
-        with tqdm(total=len(todo), desc="scale study", unit="run", position=0, disable=args.no_progress,
-                  dynamic_ncols=True) as bar:
-
-            def one(r, slot):
-                ok = execute(args, r, out_dir / "runs" / r["name"], position=1 + slot)
-                if not ok:
-                    failures.append(r["name"])
-                    tqdm.write(f"[scale_study] run {r['name']} FAILED, see {out_dir / 'runs' / r['name'] / 'train.log'}")
-                else:
-                    tqdm.write(f"[scale_study] finished {r['name']} ({time.time() - t0:.0f}s since start)")
-                bar.update(1)
-
-            if args.jobs == 1:
-                for r in todo:
-                    bar.set_postfix_str(r["name"])
-                    one(r, 0)
-            else:
-                import queue
-                import threading
-
-                pending: queue.Queue = queue.Queue()
-                for r in todo:
-                    pending.put(r)
-
-                def worker(slot):
-                    while True:
-                        try:
-                            r = pending.get_nowait()
-                        except queue.Empty:
-                            return
-                        one(r, slot)
-
-                threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.jobs)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
+        failures = run_locally(args, todo, out_dir)
         print(f"[scale_study] ran {len(todo)} runs in {time.time() - t0:.0f}s ({len(failures)} failed)", flush=True)
 
     table = report(out_dir, runs, args.loss_at_tokens, make_plots=not args.no_plots)
