@@ -71,6 +71,7 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         self._load_count = 0  # part of the layout signature: a resumed run checks its layout again
         self._device_constants = DeviceConstants()
         self._scope_reps: Dict[Any, Dict[str, Any]] = {}
+        self._prev_loss_placeholder = False  # see step(): am_prev_loss of a state-initialising step
 
     # ------------------------------------------------------------------ groups
     @classmethod
@@ -150,10 +151,13 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        initialising = False
         if self.loss_estimate == "exact" and loss is None:
-            raise ValueError(
-                "loss_estimate='exact' needs the loss: call step(closure) with a closure that returns it"
-            )
+            initialising = self._is_state_initialising_step()
+            if not initialising:
+                raise ValueError(
+                    "loss_estimate='exact' needs the loss: call step(closure) with a closure that returns it"
+                )
         revalidate_changed_options(self)
         plans, layout = plan_step(self)
         if not plans and not layout.groups_for_key:
@@ -189,8 +193,27 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
             self._apply_update(plan, applied_here, restart_here)
             lr = plan.group["lr"]  # a tensor lr is updated in place by schedulers: keep a copy
             plan.group[PREV_LR] = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
-        record_step(self, plans, coefficients, restart, layout.device, loss)
+        record_step(self, plans, coefficients, restart, layout.device, torch.zeros(()) if initialising else loss)
+        # After a state-initialising step am_prev_loss is a placeholder (0): it gives the state its
+        # keys (DCP loads only the keys the state already has), but no step may difference it.
+        self._prev_loss_placeholder = initialising
         return loss
+
+    def _is_state_initialising_step(self) -> bool:
+        """A step that only creates the state: no state yet, every learning rate 0, every gradient 0.
+
+        ``torch.distributed.checkpoint.state_dict.set_optimizer_state_dict`` (DCP resume, FSDP2)
+        makes a fresh optimizer's state this way, ``step()`` without a closure, before loading
+        over it; the first step of ``loss_estimate="exact"`` uses no loss difference anyway
+        (docs/algorithm.md §3), so it may run without the loss.  Only reached on the error path.
+        """
+        if self.state:
+            return False
+        groups = self.param_groups
+        if not all(float(g["lr"]) == 0.0 for g in groups):
+            return False
+        grads = [local_view(p.grad) for g in groups for p in g["params"] if p.grad is not None]
+        return bool(grads) and not any(bool(g.any()) for g in grads)
 
     def _scope_hyperparameters(self, layout: Layout) -> Hyperparameters:
         """Python floats when every scope agrees, else per-scope tensors on the device
@@ -210,7 +233,7 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         return Hyperparameters(*columns)
 
     def _loss_delta(self, plans: List[GroupPlan], loss, layout: Layout) -> Optional[torch.Tensor]:
-        if self.loss_estimate != "exact":
+        if self.loss_estimate != "exact" or self._prev_loss_placeholder:
             return None
         states = [self.state[p] for plan in plans for p in plan.params]
         if not states or not all(PREV_LOSS in s for s in states):
@@ -263,12 +286,13 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         restore_scalar_state(self, state_dict)
         self._guard.forget()
+        self._prev_loss_placeholder = False
         self._load_count += 1
         self._scope_reps.clear()
 
     # ------------------------------------------------------------------- copies
     #: attributes beyond torch's (defaults, state, param_groups) that a copy must keep
-    _COPIED = ("scope", "loss_estimate", "process_group", "_init_num_groups", "_load_count")
+    _COPIED = ("scope", "loss_estimate", "process_group", "_init_num_groups", "_load_count", "_prev_loss_placeholder")
 
     def __getstate__(self) -> Dict[str, Any]:
         """torch keeps only defaults, state and param groups; a copy (``copy.deepcopy``, pickle)
@@ -280,9 +304,11 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         load_count = self.__dict__.get("_load_count", 0)
+        placeholder = self.__dict__.get("_prev_loss_placeholder", False)
         if "scope" in self.__dict__:
             self._init_runtime()  # caches and rank checks start afresh in the copy
             self._load_count = load_count
+            self._prev_loss_placeholder = placeholder
 
     # -------------------------------------------------------------------- paths
     def paths(self) -> List[Dict[str, Any]]:

@@ -368,6 +368,12 @@ def attach_to_deepspeed(obj) -> AMOptimizer:
     am, chain = _find_am(obj)
     wrapper = chain[-2] if len(chain) >= 2 and getattr(chain[-2], "optimizer", None) is am else None
     kind = _deepspeed_kind(wrapper)
+    # A checkpoint loaded before attaching (the Trainer loads, then attaches): check its AM state now;
+    # one loaded later through the engine is checked by the engine's load_checkpoint.
+    check_loaded_state(am, wrapper)
+    engine = next((o for o in chain if hasattr(o, "load_checkpoint") and hasattr(o, "save_checkpoint")), None)
+    if engine is not None:
+        _wrap_load_checkpoint(engine, am, wrapper)
     attached: Optional[Dict[str, Any]] = getattr(am, _ATTACHED, None)
     if attached is not None and (attached["wrapper"] is wrapper or wrapper is None):
         # Idempotent: the layout cannot change after deepspeed.initialize, and being handed
@@ -516,3 +522,306 @@ def prepare_deepspeed_config(args) -> None:
             if force is None:
                 logger.info("hf_am: setting zero_force_ds_cpu_optimizer=false so that ZeRO-Offload accepts %s", name)
             cfg["zero_force_ds_cpu_optimizer"] = False
+
+
+# ------------------------------------------------------------------ resuming on another world size
+# DeepSpeed changes a ZeRO checkpoint's world size only through its universal checkpoint:
+# ``deepspeed.checkpoint.ds_to_universal`` merges every rank's flat partitions into one file per
+# parameter and state key (``zero/<param>/<key>.pt``), and ``"checkpoint": {"load_universal": true}``
+# slices them onto the new partitions.  The converter knows Adam's ``exp_avg``/``exp_avg_sq`` (and
+# ``fp32``, ``step``) and nothing else: AM's per-scope scalars (``am_prod``, ``am_beta``, ... : 0-d
+# tensors, one per flat partition = per param group) stop it where a group is padded (it narrows
+# every non-step tensor) and are dropped elsewhere.  :func:`to_universal` runs it on a copy of the
+# optimizer files without them and then adds each scalar as a per-element file holding the value at
+# every element of every parameter of the group ("replicated over the parameters of its scope",
+# docs/algorithm.md §11, down to the element), which DeepSpeed's own loader reshards like any
+# state; after the load :func:`check_loaded_state` turns those elements back into the 0-d scalar
+# (all elements of a partition must agree), and refuses, at load time, AM state that a
+# conversion lost.
+
+_UNIVERSAL_DS_KEYS = ("fp32", "exp_avg", "exp_avg_sq", "step")  # what ds_to_universal carries
+
+
+class UniversalCheckpointError(ValueError):
+    """An AM optimizer's DeepSpeed checkpoint cannot be carried to another world size (says why, and what to do)."""
+
+
+_SAME_WORLD = "resume on the world size the checkpoint was written with (plain engine.load_checkpoint)"
+_SAME_WORLD_CAP = "R" + _SAME_WORLD[1:]
+
+
+def _zero_optim_files(folder: str) -> List[str]:
+    import glob
+    import os
+
+    files = sorted(glob.glob(os.path.join(folder, "*_optim_states.pt")))
+    if not files:
+        raise UniversalCheckpointError(f"to_universal: {folder} holds no DeepSpeed ZeRO optimizer files (*_optim_states.pt)")
+    return files
+
+
+def _check_convertible(files: List[str]) -> Dict[str, Any]:
+    """Read rank 0's optimizer file and refuse what the universal format cannot carry for AM."""
+    import torch as _torch
+
+    sd = _torch.load(files[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    stage = int(sd.get("zero_stage", 1))
+    if stage >= 3:
+        raise UniversalCheckpointError(
+            "to_universal: this is a ZeRO-3 checkpoint. DeepSpeed's ZeRO-3 universal loader restores only fp32, "
+            "exp_avg and exp_avg_sq and gives every param group the settings of group 0, so AM's per-scope scalars "
+            f"(am_prod, am_beta, ...) and per-group settings cannot be carried. {_SAME_WORLD_CAP}, "
+            "or train with ZeRO-1/2 (whose universal checkpoints carry the AM state) or FSDP2 (torch.distributed.checkpoint)"
+        )
+    base = sd.get("base_optimizer_state")
+    if not isinstance(base, dict) or "param_groups" not in base:
+        raise UniversalCheckpointError(
+            "to_universal: the ZeRO optimizer state is not a rigid (non-elastic) checkpoint, the only kind "
+            f"ds_to_universal converts; {_SAME_WORLD}"
+        )
+    if not all("lam" in g for g in base["param_groups"]):
+        raise UniversalCheckpointError(
+            "to_universal: the checkpoint was not written by an hf_am optimizer (param groups without 'lam'); "
+            "convert it with DeepSpeed's own python -m deepspeed.checkpoint.ds_to_universal"
+        )
+    for gid, state in base["state"].items():
+        for key, value in state.items():
+            if key in _UNIVERSAL_DS_KEYS or (isinstance(value, _torch.Tensor) and value.dim() == 0):
+                continue
+            raise UniversalCheckpointError(
+                f"to_universal: param group {gid} has the per-element state {key!r}, which DeepSpeed's "
+                "ds_to_universal cannot convert (it knows Adam's exp_avg and exp_avg_sq only; AM-SGD's "
+                f"momentum_buffer is such a key). {_SAME_WORLD_CAP}, or use FSDP2 with "
+                "torch.distributed.checkpoint, which reshards any optimizer state"
+            )
+    return sd
+
+
+def _split_am_scalars(files: List[str], model_files: List[str], stripped_folder: str) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Read every rank's optimizer file once: return ``{param name: {key: tensor of the parameter's
+    shape filled with its scope's scalar}}`` and write a copy of the file without AM's 0-d scalars
+    into ``stripped_folder`` (DeepSpeed's converter cannot read them: it ``narrow``-s every non-step
+    tensor of a padded group to strip the padding, and a 0-d tensor cannot be narrowed)."""
+    import os
+
+    import torch as _torch
+
+    shapes: Dict[str, Any] = {}
+    for mf in model_files:
+        for group_shapes in _torch.load(mf, map_location="cpu", weights_only=False)["param_shapes"]:
+            shapes.update(group_shapes)
+    scalars: Dict[int, Dict[str, torch.Tensor]] = {}
+    names: Dict[int, List[str]] = {}
+    for rank, f in enumerate(files):
+        sd = _torch.load(f, map_location="cpu", weights_only=False)
+        optim = sd["optimizer_state_dict"]
+        for gid, state in optim["base_optimizer_state"]["state"].items():
+            for key in [k for k, v in state.items() if k not in _UNIVERSAL_DS_KEYS and isinstance(v, _torch.Tensor) and v.dim() == 0]:
+                value = state.pop(key)
+                seen = scalars.setdefault(gid, {}).get(key)
+                if seen is None:
+                    scalars[gid][key] = value.detach().clone()
+                elif not _torch.equal(seen, value):
+                    raise UniversalCheckpointError(
+                        f"to_universal: param group {gid}'s {key} is {float(seen)} on rank 0 and {float(value)} on "
+                        f"rank {rank}; every rank holds the same AM scalars, so the checkpoint is inconsistent"
+                    )
+        for gid, mapping in enumerate(optim["param_slice_mappings"]):
+            names.setdefault(gid, [])
+            names[gid].extend(n for n in mapping if n not in names[gid])
+        _torch.save(sd, os.path.join(stripped_folder, os.path.basename(f)))
+    out: Dict[str, Dict[str, torch.Tensor]] = {}
+    for gid, keys in scalars.items():
+        for name in names.get(gid, []):
+            out[name] = {k: _torch.full(tuple(shapes[name]), float(v), dtype=_torch.float32) for k, v in keys.items()}
+    return out
+
+
+def to_universal(input_folder: str, output_folder: str, *, write_latest: bool = True) -> str:
+    """Convert a ZeRO-1/2 checkpoint of an AM optimizer into a DeepSpeed universal checkpoint that
+    carries the AM state; return ``output_folder``.
+
+    ``input_folder`` is the tag folder ``engine.save_checkpoint`` wrote (``<dir>/global_step<N>``).
+    Runs DeepSpeed's ``ds_to_universal`` (model, fp32 weights, ``exp_avg``, ``exp_avg_sq``, ``step``,
+    param groups; ``--inject_missing_state``) on a temporary copy of the optimizer files without
+    AM's scalars (inside ``output_folder``, removed afterwards: one more copy of the optimizer
+    state on disk while it runs), and adds those scalars as ``zero/<param>/am_*.pt``.  With
+    ``write_latest`` and the output next to the input, writes ``<dir>/latest_universal`` naming it,
+    which ``engine.load_checkpoint(<dir>)`` (and the Trainer's ``--resume_from_checkpoint <dir>``)
+    read when the DeepSpeed config has ``"checkpoint": {"load_universal": true}``.
+
+    Refused with :class:`UniversalCheckpointError` (nothing written): ZeRO-3 checkpoints, AM-SGD
+    (``momentum_buffer``, which the converter cannot carry), elastic checkpoints, checkpoints of
+    other optimizers.  Command line: ``python -m hf_am.integrations.deepspeed --input_folder ... --output_folder ...``.
+    """
+    import argparse
+    import glob
+    import os
+    import shutil
+
+    import torch as _torch
+
+    files = _zero_optim_files(input_folder)
+    _check_convertible(files)
+    model_files = sorted(glob.glob(os.path.join(input_folder, "mp_rank_*_model_states.pt")))
+    if len(model_files) != 1:
+        raise UniversalCheckpointError(
+            f"to_universal: expected one mp_rank_*_model_states.pt in {input_folder}, found {len(model_files)}; "
+            "AM optimizers do not support tensor/pipeline model parallelism"
+        )
+    from deepspeed.checkpoint import ds_to_universal
+
+    stripped = os.path.join(output_folder, "hf_am_input_without_am_scalars")
+    os.makedirs(stripped)
+    try:
+        extra = _split_am_scalars(files, model_files, stripped)
+        for entry in os.listdir(input_folder):  # everything else (model states) as it is
+            if not os.path.exists(os.path.join(stripped, entry)):
+                os.symlink(os.path.abspath(os.path.join(input_folder, entry)), os.path.join(stripped, entry))
+        args = argparse.Namespace(
+            input_folder=stripped, output_folder=output_folder, num_extract_workers=1, num_merge_workers=1,
+            keep_temp_folder=False, strict=True, inject_missing_state=True,  # plain models have no universal_checkpoint_info
+        )
+        ds_to_universal.main(args)
+    finally:
+        shutil.rmtree(stripped, ignore_errors=True)
+    zero = os.path.join(output_folder, "zero")
+    for name, keys in extra.items():
+        folder = os.path.join(zero, name)
+        if not os.path.isdir(folder):
+            raise UniversalCheckpointError(f"to_universal: ds_to_universal wrote no {folder}; cannot add the AM state")
+        for key, value in keys.items():
+            _torch.save({"param": value}, os.path.join(folder, f"{key}.pt"))
+    parent_in = os.path.dirname(os.path.abspath(input_folder))
+    if write_latest and os.path.dirname(os.path.abspath(output_folder)) == parent_in:
+        with open(os.path.join(parent_in, "latest_universal"), "w") as fd:
+            fd.write(os.path.basename(os.path.abspath(output_folder)))
+    logger.info("hf_am: wrote the universal checkpoint %s with AM state for %d parameters", output_folder, len(extra))
+    return output_folder
+
+
+def _hp_spans(wrapper) -> Dict[int, List[Tuple[int, int]]]:
+    """ZeRO-1/2: ``{id(flat fp32 partition): [(start, numel) of each parameter's fragment in it]}``."""
+    out: Dict[int, List[Tuple[int, int]]] = {}
+    for i, flat in enumerate(getattr(wrapper, "single_partition_of_fp32_groups", []) or []):
+        spans = []
+        for lp in wrapper.bit16_groups[i]:
+            mapping = getattr(lp, "_hp_mapping", None)
+            if mapping is not None:
+                address = mapping.get_hp_fragment_address()
+                spans.append((int(address.start), int(address.numel)))
+        out[id(flat)] = spans
+    return out
+
+
+def check_loaded_state(am: AMOptimizer, wrapper=None) -> None:
+    """After a DeepSpeed checkpoint load: make universal-checkpoint AM scalars 0-d again, refuse lost ones.
+
+    * A scalar that :func:`to_universal` spread over the elements arrives as a tensor of the flat
+      partition's shape: it becomes the 0-d scalar again, if every element of every parameter
+      fragment in the partition holds the same value (else ``UniversalCheckpointError``).
+    * State with moments but without AM's scalars (a checkpoint converted by ``ds_to_universal``
+      alone, or a ZeRO-3 universal load) is refused with a ``UniversalCheckpointError`` saying how to
+      convert, instead of letting the next step restart the AM state from nothing.
+
+    Called by :func:`attach_to_deepspeed` and after ``engine.load_checkpoint`` of an attached engine.
+    """
+    from ..state import PREV_LOSS, accumulation_dtype
+
+    name = type(am).__name__
+    group_of = {id(q): f"param group {gi}" for gi, g in enumerate(am.param_groups) for q in g["params"]}
+    scalar_keys = [k for k in am.required_scalar_state if k != "step"]
+    if am.loss_estimate == "exact":
+        scalar_keys.append(PREV_LOSS)
+    spans = None
+    for p, state in list(am.state.items()):
+        if not state or not isinstance(p, torch.Tensor):
+            continue
+        expanded = [k for k in scalar_keys if isinstance(state.get(k), torch.Tensor) and state[k].dim() == 1]
+        if expanded:
+            if spans is None:
+                spans = _hp_spans(wrapper) if wrapper is not None else {}
+            fragments = spans.get(id(p))
+            if not fragments:
+                raise UniversalCheckpointError(
+                    f"{name}: the loaded state holds AM scalars {expanded} spread over a partition of "
+                    f"{p.numel()} elements, which only a DeepSpeed ZeRO-1/2 engine's universal load produces; "
+                    "load the universal checkpoint into a ZeRO-1/2 engine whose AM optimizer is attached "
+                    "(hf_am.attach(engine))"
+                )
+            for key in expanded:
+                v = state[key]
+                values = torch.cat([v.reshape(-1).narrow(0, s, n) for s, n in fragments])
+                if values.numel() == 0 or not bool((values == values[0]).all()):
+                    raise UniversalCheckpointError(
+                        f"{name}: the universal checkpoint's {key} differs between the parameters of "
+                        f"{group_of.get(id(p), 'one param group')}: it was written with another scope or grouping (scope and param groups must be the "
+                        "same when resuming)"
+                    )
+                state[key] = values[0].detach().clone().to(accumulation_dtype(p.dtype))
+        has_moments = any(k in state for k in am.state_tensor_names)
+        missing = [k for k in scalar_keys if k not in state]
+        if has_moments and missing:
+            raise UniversalCheckpointError(
+                f"{name}: after loading the checkpoint, {group_of.get(id(p), 'a ZeRO-3 partition')} has "
+                f"{sorted(k for k in am.state_tensor_names if k in state)} "
+                f"but not AM's {missing}: the checkpoint lost the AM state (DeepSpeed's ds_to_universal alone "
+                "drops it; a ZeRO-3 universal load cannot restore it), and training on would restart it. Convert "
+                "the ZeRO-1/2 checkpoint with python -m hf_am.integrations.deepspeed --input_folder <dir>/<tag> "
+                f"--output_folder <dir>/<tag>_universal (hf_am.integrations.deepspeed.to_universal), or {_SAME_WORLD}"
+            )
+
+
+def _wrap_load_checkpoint(engine, am: AMOptimizer, wrapper) -> None:
+    """``engine.load_checkpoint`` checks the AM state it loaded (:func:`check_loaded_state`), and says
+    what to do when DeepSpeed refuses a plain checkpoint of another world size."""
+    original = getattr(engine, "load_checkpoint", None)
+    if original is None or getattr(original, "_hf_am_checked", False):
+        return
+    import functools
+
+    @functools.wraps(original)
+    def load_checkpoint(*args, **kwargs):
+        try:
+            out = original(*args, **kwargs)
+        except Exception as exc:
+            if "world size" not in str(exc) or "universal" in str(exc):
+                raise
+            try:  # DeepSpeed's exception, with what to do appended
+                hinted = type(exc)(
+                    f"{exc} [hf_am: to resume an AM optimizer's ZeRO-1/2 checkpoint on another world size, convert it "
+                    "with python -m hf_am.integrations.deepspeed --input_folder <dir>/<tag> --output_folder "
+                    "<dir>/<tag>_universal and load it with \"checkpoint\": {\"load_universal\": true} in the "
+                    "DeepSpeed config]"
+                )
+            except Exception:  # an exception type that takes other arguments: as it is
+                raise exc from None
+            raise hinted from exc
+        check_loaded_state(am, wrapper)
+        return out
+
+    load_checkpoint._hf_am_checked = True
+    engine.load_checkpoint = load_checkpoint
+
+
+def main(argv=None) -> None:
+    """``python -m hf_am.integrations.deepspeed --input_folder <dir>/<tag> --output_folder <dir>/<tag>_universal``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m hf_am.integrations.deepspeed",
+        description="Convert an AM optimizer's DeepSpeed ZeRO-1/2 checkpoint into a universal checkpoint that "
+        "carries the AM state (resume on another world size with \"checkpoint\": {\"load_universal\": true}).",
+    )
+    parser.add_argument("--input_folder", required=True, help="the tag folder engine.save_checkpoint wrote (<dir>/global_stepN)")
+    parser.add_argument("--output_folder", required=True, help="where to write the universal checkpoint (<dir>/global_stepN_universal)")
+    parser.add_argument("--no_latest", action="store_true", help="do not write <dir>/latest_universal")
+    args = parser.parse_args(argv)
+    try:
+        to_universal(args.input_folder, args.output_folder, write_latest=not args.no_latest)
+    except UniversalCheckpointError as exc:
+        raise SystemExit(f"error: {exc}")
+
+
+if __name__ == "__main__":
+    main()
