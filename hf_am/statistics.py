@@ -76,10 +76,18 @@ class BetaStatistics:
         reps = self._scope_states()
         if not reps:
             return torch.full((8,), math.nan, dtype=torch.float64)
-        betas = torch.stack([s[BETA].double() for s in reps])
-        applied = torch.stack([s[APPLIED].double() if APPLIED in s else s[BETA].double() * math.nan for s in reps])
-        restarts = torch.stack([s[RESTARTS].double() for s in reps]).sum()
-        fallbacks = torch.stack([s[FALLBACKS].double() if FALLBACKS in s else s[RESTARTS].double() * 0 for s in reps]).sum()
+        # Called every step by the Trainer callback: one stack per key, then one conversion (exact:
+        # float32 -> float64), rather than a conversion per scope (4 ops per tensor under scope="tensor").
+        if all(APPLIED in s and FALLBACKS in s for s in reps):
+            betas, applied, restarts, fallbacks = (
+                torch.stack([s[key] for s in reps]).double() for key in (BETA, APPLIED, RESTARTS, FALLBACKS)
+            )
+        else:  # state of hf_am 0.1 (no applied/fallback counts until the next step)
+            betas = torch.stack([s[BETA].double() for s in reps])
+            applied = torch.stack([s[APPLIED].double() if APPLIED in s else s[BETA].double() * math.nan for s in reps])
+            restarts = torch.stack([s[RESTARTS].double() for s in reps])
+            fallbacks = torch.stack([s[FALLBACKS].double() if FALLBACKS in s else s[RESTARTS].double() * 0 for s in reps])
+        restarts, fallbacks = restarts.sum(), fallbacks.sum()
         return torch.stack(
             [betas.mean(), betas.min(), betas.max(), restarts, fallbacks, applied.mean(), applied.min(), applied.max()]
         )

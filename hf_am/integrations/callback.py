@@ -124,7 +124,8 @@ class _AMCallbackLogic:
         except Exception:  # a wrapper whose flag is not ready: count the step
             pass
         summary = self._am.beta_summary_tensor().detach()
-        means, lows, highs = summary[[0, 5]], summary[[1, 6]], summary[[2, 7]]  # reported, applied
+        # (reported, applied) pairs at stride 5: views, no index tensors built every step
+        means, lows, highs = summary[0:6:5], summary[1:7:5], summary[2:8:5]
         if self._count == 0:
             self._sum, self._min, self._max = means.clone(), lows.clone(), highs.clone()
         else:
