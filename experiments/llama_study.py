@@ -7,11 +7,13 @@ study's runner (``recipes/scale_study.py``: one subprocess per grid point, resum
 
   AdamW       --optim adamw_torch                                  at every rate of --rates
   AM-AdamW    --optim am_adamw (lam 0.1, beta_min 0, beta_max 0.9)  at every rate of --rates
-  AM-Clip     --optim am_adamw --optim_args beta_min=B              at --variant-rate only
-  AM-Restart  --optim am_adamw --optim_args restart_threshold=T     at --variant-rate only
+  AM-Clip     --optim am_adamw --optim_args beta_min=B              at one rate (below)
+  AM-Restart  --optim am_adamw --optim_args restart_threshold=T     at one rate (below)
 
 each with warmup (10 % linear) and without, over --seeds. The variants are the paper's
 Section 4.5 ones; the paper does not state B and T, the defaults here (0.5, 0.5) are our choice.
+They run at AM-AdamW's best rate of the same warmup setting (lowest mean over seeds, known once
+the AdamW/AM-AdamW sweep has finished: the study runs that sweep first), or at --variant-rate.
 Reported: final eval loss (mean +- std over seeds) per optimizer, rate and warmup; each
 optimizer at its own best rate (lowest mean) and both at the same rates; and the paper's three
 claims, each "held" or "not held" by the rule printed next to it, with the numbers.
@@ -54,9 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help=f"output folder (default experiments/results/{NAME}/)")
     p.add_argument("--size", default="tiny", help="recipe --model_size (default tiny)")
     p.add_argument("--rates", type=float, nargs="+", default=None,
-                   help="peak learning rates of AdamW and AM-AdamW (default 3e-3 1e-2 3e-2 1e-1; quick 1e-2 3e-2)")
-    p.add_argument("--variant-rate", type=float, default=3e-2,
-                   help="the one rate of AM-Clip and AM-Restart (default 3e-2, the recipe's tiny default)")
+                   help="peak learning rates of AdamW and AM-AdamW (default 1e-3 3e-3 1e-2 3e-2 1e-1; quick 1e-2 3e-2)")
+    p.add_argument("--variant-rate", type=float, default=None,
+                   help="the one rate of AM-Clip and AM-Restart (default: AM-AdamW's best rate of the same warmup setting)")
     p.add_argument("--clip-beta-min", type=float, default=0.5, help="AM-Clip's beta_min (default 0.5)")
     p.add_argument("--restart-threshold", type=float, default=0.5, help="AM-Restart's threshold (default 0.5)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; quick 0)")
@@ -66,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--plot-only", action="store_true", help="rebuild tables and plots from the finished runs only")
     args = p.parse_args(argv)
-    args.rates = args.rates or ([1e-2, 3e-2] if args.quick else [3e-3, 1e-2, 3e-2, 1e-1])
+    args.rates = args.rates or ([1e-2, 3e-2] if args.quick else [1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
     args.seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     if args.quick and args.steps is None:
         args.steps = 12
@@ -74,24 +76,29 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------- the grid
+SWEPT = ("AdamW", "AM-AdamW")  # over every rate of --rates; the variants run at one rate per warmup setting
+
+
 def families(args) -> list[dict]:
     return [
-        dict(family="AdamW", optim="adamw_torch", optim_args=None, rates=args.rates),
-        dict(family="AM-AdamW", optim="am_adamw", optim_args=None, rates=args.rates),
-        dict(family="AM-Clip", optim="am_adamw", optim_args=f"beta_min={args.clip_beta_min}",
-             rates=[args.variant_rate]),
-        dict(family="AM-Restart", optim="am_adamw", optim_args=f"restart_threshold={args.restart_threshold}",
-             rates=[args.variant_rate]),
+        dict(family="AdamW", optim="adamw_torch", optim_args=None),
+        dict(family="AM-AdamW", optim="am_adamw", optim_args=None),
+        dict(family="AM-Clip", optim="am_adamw", optim_args=f"beta_min={args.clip_beta_min}"),
+        dict(family="AM-Restart", optim="am_adamw", optim_args=f"restart_threshold={args.restart_threshold}"),
     ]
 
 
-def grid(args) -> list[dict]:
-    """Seeds outermost, so that a partial study has every condition at the first seeds."""
+def grid(args, variant_rates: dict | None) -> list[dict]:
+    """The sweep of AdamW and AM-AdamW, then (given ``variant_rates``: warmup setting -> rate) the
+    variants. Seeds outermost, so that a partial study has every condition at the first seeds."""
     runs = []
     for seed in args.seeds:
         for fam in families(args):
-            for rate in fam["rates"]:
-                for variant in VARIANTS:
+            swept = fam["family"] in SWEPT
+            if not swept and variant_rates is None:
+                continue
+            for variant in VARIANTS:
+                for rate in (args.rates if swept else [variant_rates[variant]]):
                     name = f"{args.size}-{fam['family'].lower()}-lr{rate:g}-{variant}-s{seed}"
                     runs.append(dict(size=args.size, optim=fam["optim"], optim_args=fam["optim_args"],
                                      family=fam["family"], learning_rate=rate, variant=variant, seed=seed,
@@ -198,7 +205,14 @@ def claims(cells: list[dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- output
-def markdown(args, rows: list[dict], cells: list[dict], found: list[dict], grid_size: int) -> str:
+def markdown(args, rows: list[dict], cells: list[dict], found: list[dict], grid_size: int, variant_rates) -> str:
+    if args.variant_rate is not None:
+        variant_text = f"{args.variant_rate:g}"
+    elif variant_rates:
+        variant_text = "AM-AdamW's best rate of the same warmup setting (" + ", ".join(
+            f"{v.replace('_', ' ')} {r:g}" for v, r in variant_rates.items()) + ")"
+    else:
+        variant_text = "AM-AdamW's best rate (not run: the sweep did not finish)"
     done = sum(r.get("status") == "done" for r in rows)
     steps = next((r["steps"] for r in rows if r.get("status") == "done"), args.steps)
     lines = [
@@ -206,7 +220,7 @@ def markdown(args, rows: list[dict], cells: list[dict], found: list[dict], grid_
         f"Recipe size `{args.size}`, protocol `{args.protocol}`, {steps} steps per run, seeds "
         f"{' '.join(map(str, args.seeds))}. Grid: AdamW and AM-AdamW at rates {' '.join(f'{r:g}' for r in args.rates)}, "
         f"AM-Clip (beta_min {args.clip_beta_min:g}) and AM-Restart (threshold {args.restart_threshold:g}) at "
-        f"{args.variant_rate:g}; x {{warmup, no warmup}} x {len(args.seeds)} seeds = {grid_size} runs "
+        f"{variant_text}; x {{warmup, no warmup}} x {len(args.seeds)} seeds = {grid_size} runs "
         f"({done} finished). A diverged run (non-finite loss, or final loss >= log(vocab)) counts as inf.", "",
         "## Final eval loss (mean ± std over seeds)", "",
     ]
@@ -318,35 +332,58 @@ def best_curves(rows: list[dict], summaries: dict, cells: list[dict], seed: int)
     return curves
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    timer = C.run_timer()
-    out = C.prepare_out(args.out, NAME)
-    runs = grid(args)
-    study = runner_args(args, out)
-    failures: list[str] = []
-    if not args.plot_only:
-        todo = [r for r in runs if not (out / "runs" / r["name"] / scale_study.SUMMARY_FILE).exists()]
-        print(f"[llama_study] {len(runs)} runs in the grid, {len(runs) - len(todo)} finished, {len(todo)} to run",
-              flush=True)
-        failures = scale_study.run_locally(study, todo, out)
+def _execute(args, study, out: Path, runs: list[dict]) -> list[str]:
+    todo = [r for r in runs if not (out / "runs" / r["name"] / scale_study.SUMMARY_FILE).exists()]
+    print(f"[llama_study] {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run", flush=True)
+    return scale_study.run_locally(study, todo, out) if todo and not args.plot_only else []
+
+
+def _collect(out: Path, runs: list[dict]):
     rows, summaries = scale_study.collect(out, runs, None)
     by_name = {r["name"]: r for r in runs}
     for row in rows:
         row["family"] = by_name[row["run"]]["family"]
         row["learning_rate"] = by_name[row["run"]]["learning_rate"]
         row["optim_args"] = by_name[row["run"]]["optim_args"] or ""
+    return rows, summaries
+
+
+def choose_variant_rates(args, cells: list[dict]) -> dict | None:
+    """Warmup setting -> the rate of AM-Clip and AM-Restart (None when AM-AdamW has no finished cell)."""
+    if args.variant_rate is not None:
+        return {variant: args.variant_rate for variant in VARIANTS}
+    best = {variant: best_rate(cells, "AM-AdamW", variant) for variant in VARIANTS}
+    if any(b is None for b in best.values()):
+        return None
+    return {variant: b["learning_rate"] for variant, b in best.items()}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    timer = C.run_timer()
+    out = C.prepare_out(args.out, NAME)
+    study = runner_args(args, out)
+    sweep = grid(args, None)
+    failures = _execute(args, study, out, sweep)  # the sweep first: it decides the variants' rates
+    rows, _ = _collect(out, sweep)
+    variant_rates = choose_variant_rates(args, aggregate(rows))
+    runs = grid(args, variant_rates)
+    if variant_rates is not None:
+        print(f"[llama_study] AM-Clip and AM-Restart at {variant_rates}", flush=True)
+        failures += _execute(args, study, out, [r for r in runs if r["family"] not in SWEPT])
+    rows, summaries = _collect(out, runs)
     cells = aggregate(rows)
     found = claims(cells)
     settings = {k: v for k, v in vars(args).items()}
-    results = {"settings": settings, "grid_size": len(runs), "failed": failures, "cells": cells, "claims": found,
-               "runs": rows, "curves": best_curves(rows, summaries, cells, args.seeds[0]) if args.seeds else {},
+    results = {"settings": settings, "grid_size": len(runs), "variant_rates": variant_rates, "failed": failures,
+               "cells": cells, "claims": found, "runs": rows,
+               "curves": best_curves(rows, summaries, cells, args.seeds[0]) if args.seeds else {},
                "environment": C.environment()}
     write_csv(rows, out / "results.csv")
-    text = markdown(args, rows, cells, found, len(runs))
+    text = markdown(args, rows, cells, found, len(runs), variant_rates)
     C.finish(out, results, text + "\n", plot, timer)
     print(text)
-    return 0 if all(r.get("status") == "done" for r in rows) else 1
+    return 0 if variant_rates is not None and all(r.get("status") == "done" for r in rows) else 1
 
 
 if __name__ == "__main__":
