@@ -304,7 +304,17 @@ def run_accelerate_nodes(tmp_path, model_dir: str, config: str) -> dict:
             "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--seed", "0",
             "--use_cpu", "--disable_tqdm", "true",
         ])  # fmt: skip
-    outputs = run_nodes(cmds)
+    try:
+        outputs = run_nodes(cmds)
+    except AssertionError as exc:
+        # A known upstream race at interpreter exit (gloo worker threads still holding work when the
+        # interpreter finalises: std::terminate, SIGABRT; pytorch/pytorch#179291) after training and
+        # destroy_process_group() finished. Seen only with DeepSpeed ZeRO-3 under heavy load; run once more.
+        if not (os.path.exists(results) and "terminate called without an active exception" in str(exc)):
+            raise
+        print("\nnode aborted at interpreter exit after writing its results (upstream teardown race); rerunning once")
+        os.remove(results)
+        outputs = run_nodes(cmds)
     got = torch.load(results, weights_only=False)
     got["output"] = outputs[0]
     return got
@@ -352,13 +362,12 @@ def test_accelerate_two_machines_sharded_configs_equal_one_process(model_dir, re
 
 
 def test_accelerate_two_machines_zero3_config_on_cpu_is_never_silently_wrong(model_dir, reference, tmp_path):
-    """The shipped ZeRO-3 multi-node config on CPU (``use_cpu: true``): ``TrainingArguments`` builds a
-    ZeRO-3 ``DeepSpeedPlugin`` from accelerate's environment, so ``from_pretrained`` partitions the
-    parameters under ``deepspeed.zero.Init`` (to empty tensors; ``zero3_init_flag: false`` does not
-    prevent it), and then accelerate, which runs DeepSpeed only ``and not cpu``, trains DDP on them: the
-    first forward stops ("'weight' must be 2-D", measured with accelerate 1.15 / transformers 5.24).
-    Either it fails so, loudly and before any result is written, or (a future accelerate) it trains
-    and must then be exact. ZeRO-3 across two nodes is tested through torchrun above."""
+    """The shipped ZeRO-3 multi-node config on CPU (``use_cpu: true``). Since ``hf_am.run`` leaves a
+    DeepSpeed launch's accelerate state alone, accelerate runs DeepSpeed ZeRO-3 here, which must then be
+    exact. Before that, accelerate's CPU state trained DDP on parameters ``deepspeed.zero.Init`` had
+    partitioned to empty tensors and the first forward stopped ("'weight' must be 2-D", accelerate 1.15 /
+    transformers 5.24): that loud failure, before any result is written, is still accepted; a silent
+    wrong result is not. ZeRO-3 across two nodes is also tested through torchrun above."""
     try:
         got = run_accelerate_nodes(tmp_path, model_dir, shipped_config_for_cpu(tmp_path, "multi_node_deepspeed_zero3.yaml"))
     except AssertionError as exc:
@@ -366,5 +375,5 @@ def test_accelerate_two_machines_zero3_config_on_cpu_is_never_silently_wrong(mod
         assert not os.path.exists(os.path.join(str(tmp_path), "results.pt"))
         return
     ev = got["evidence"]
-    assert ev["world_size"] == 2 and (ev["model_wrapped"] == "DistributedDataParallel" or ev["zero_stage"] == 3), ev
+    assert ev["world_size"] == 2 and ev["zero_stage"] == 3, ev  # the engine the yaml asks for, not DDP
     _check_script_run("accelerate 2x1 ZeRO-3 yaml", got, reference)
