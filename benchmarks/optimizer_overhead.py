@@ -31,11 +31,13 @@ import gc
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _machine import describe  # noqa: E402  (benchmarks/_machine.py, next to this script)
 from hf_am import AMAdamW, AMSGD  # noqa: E402
 
 
@@ -144,7 +146,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--markdown", help="also write the table to this file (and the plot beside it, .png)")
+    parser.add_argument("--plot", help="write the plot (step time against parameter count, per optimizer and path) here")
     parser.add_argument("--only", nargs="+", help="only candidates whose name contains one of these")
     parser.add_argument("--exclude", nargs="+", help="leave out candidates whose name contains one of these")
     parser.add_argument(
@@ -182,11 +185,14 @@ def main(argv=None) -> int:
     baseline_of = {name: ("SGD (foreach)" if "SGD" in name else "AdamW (foreach)") for name in candidates}
     show_ds = DS_NAME in candidates
     rows = []
+    points: Dict[tuple, List[tuple]] = {}  # (candidate, layout) -> [(params, median s, min s, max s)]
     header = (
         "| params | tensors | optimizer | step ms (range over rounds) | vs foreach baseline (range) "
         "| vs AdamW fused (range) |" + (" vs DeepSpeedCPUAdam (range) |" if show_ds else "") + " state MB | state vs baseline |"
     )
     rule = "|---|---|---|---|---|---|" + ("---|" if show_ds else "") + "---|---|"
+    where = describe(args.device)
+    print(where)
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__}")
     print(f"AM default path here: {_default_path(args.device, dtype)}")
     print(header)
@@ -227,6 +233,7 @@ def main(argv=None) -> int:
                     print(f"| {n/1e6:.1f}M | {len(shapes)} | {name} | n/a | | |" + (" |" if show_ds else "") + " | |")
                 continue
             ts = medians[name]
+            points.setdefault((name, layout), []).append((n, statistics.median(ts), min(ts), max(ts)))
             spread = f"{statistics.median(ts) * 1e3:.1f} ({min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f})"
             ratio = spread_of(ratios.get(name))
             fratio = spread_of(fused_ratios.get(name))
@@ -243,10 +250,46 @@ def main(argv=None) -> int:
         gc.collect()
     if args.markdown:
         with open(args.markdown, "w") as fh:
+            fh.write(f"{where}\n\n`python benchmarks/optimizer_overhead.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n")
             fh.write(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__}\n\n")
             fh.write(f"AM default path here: {_default_path(args.device, dtype)}\n\n")
             fh.write(header + "\n" + rule + "\n" + "\n".join(rows) + "\n")
+    plot_path = args.plot or (str(Path(args.markdown).with_suffix(".png")) if args.markdown else None)
+    if plot_path and points:
+        plot(points, where, f"{args.device}, {args.dtype}", plot_path)
+        print(f"wrote {plot_path}")
     return 0
+
+
+def plot(points: Dict[tuple, List[tuple]], where: str, what: str, path: str) -> None:
+    """Step time against parameter count, log-log: one line per optimizer and path, solid for the
+    LLaMA-like tensors, dashed for one flat tensor (a ZeRO partition), whiskers over rounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    names = sorted({name for name, _ in points})
+    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}
+    for (name, layout), pts in sorted(points.items()):
+        pts = sorted(pts)
+        xs = [p[0] for p in pts]
+        ys = [p[1] * 1e3 for p in pts]
+        err = [[(p[1] - p[2]) * 1e3 for p in pts], [(p[3] - p[1]) * 1e3 for p in pts]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=2, color=colors[name],
+                    ls="-" if layout == "llama" else "--", label=name + ("" if layout == "llama" else ", flat"))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("step time, ms (median over rounds)")
+    ax.set_title(f"optimizer step time ({what})", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.text(0.01, 0.005, where, fontsize=6)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -52,22 +51,9 @@ FOREACH = "adamw_torch"  # run with foreach=True (see module docstring)
 
 
 def machine() -> str:
-    import torch
+    from _machine import describe  # benchmarks/_machine.py, next to this script
 
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import transformers
-
-    return (
-        f"CPU: {model}, {os.cpu_count()} cores visible, torch threads {torch.get_num_threads()}; "
-        f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}"
-    )
+    return describe("cpu")
 
 
 def model_config(size: str):

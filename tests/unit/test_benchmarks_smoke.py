@@ -39,3 +39,21 @@ def test_trainer_overhead_quick(tmp_path):
     assert "CPU:" in text and "torch" in text
     assert "| tiny |" in text and "am_adamw" in text and "adamw_torch (foreach)" in text
     assert "--quick" in text  # the command that reproduces it
+
+
+def test_optimizer_overhead_writes_table_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    md = tmp_path / "oo.md"
+    script = ROOT / "benchmarks" / "optimizer_overhead.py"
+    env = dict(os.environ, MPLBACKEND="Agg")
+    proc = subprocess.run(
+        [sys.executable, str(script), "--sizes", "1", "2", "--repeats", "1", "--rounds", "1", "--only", "AdamW",
+         "--markdown", str(md)], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = md.read_text()
+    assert text.startswith("CPU:") and "torch" in text.splitlines()[0]  # the machine, first
+    assert "--sizes 1 2" in text  # the command that reproduces it
+    assert "| AM-AdamW tensor |" in text and "| AdamW (fused) |" in text
+    png = md.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10000
