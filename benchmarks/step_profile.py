@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Where an AM-AdamW step spends its time on the host: kernels, planning, statistics, the callback's read.
+
+Builds a LLaMA from ``recipes/configs`` (no Hub), gives every parameter a fixed random gradient and
+steps ``hf_am.AMAdamW`` with the Trainer's two parameter groups (weight decay on matrices, none on
+norms), after wrapping the step's parts with timers: the compiled kernels (per call), planning
+(``plan_step``, with the tensor gate and the path choice inside it), the sums' reduction, the
+coefficient formula, recording the statistics, and ``beta_summary_tensor()`` (what the Trainer
+callback reads every step). Everything not in a named part is "rest of step()". ``torch.optim.AdamW``
+(fused) steps the same tensors for scale. Timers add a little to every part; read the shares.
+
+    python benchmarks/step_profile.py                      # tiny and small, 1 thread
+    python benchmarks/step_profile.py --sizes w512 --steps 50 --threads 2
+
+Prints one table per size (microseconds per step, share of the step), naming the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from _machine import describe  # noqa: E402  (benchmarks/_machine.py, next to this script)
+
+SIZES = {"tiny": ("llama_tiny.json", {}), "small": ("llama_small.json", {}),
+         "w512": ("llama_60m.json", {"num_hidden_layers": 2})}
+
+
+def build(size: str):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    name, overrides = SIZES[size]
+    cfg = json.loads((ROOT / "recipes" / "configs" / name).read_text())
+    cfg.pop("architectures", None)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return model, [dict(params=decay, weight_decay=0.01), dict(params=no_decay, weight_decay=0.0)]
+
+
+class Timers:
+    """Wraps module attributes so that each call adds its wall time (ns) to a named total."""
+
+    def __init__(self):
+        self.total: Dict[str, int] = {}
+        self.calls: Dict[str, int] = {}
+        self.order: list = []  # labels in the order they were installed (the step's order)
+
+    def wrap(self, owner, attr: str, label: str) -> None:
+        inner = getattr(owner, attr)
+        self.order.append(label)
+
+        @functools.wraps(inner)
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter_ns()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.total[label] = self.total.get(label, 0) + time.perf_counter_ns() - t0
+                self.calls[label] = self.calls.get(label, 0) + 1
+
+        setattr(owner, attr, timed)
+
+    def reset(self) -> None:
+        self.total.clear()
+        self.calls.clear()
+
+
+def install(timers: Timers) -> None:
+    import hf_am.am_adamw as am_adamw
+    import hf_am.kernels.cpu as cpu
+    import hf_am.optimizer as optimizer
+    import hf_am.planning as planning
+
+    timers.wrap(optimizer, "revalidate_changed_options", "option re-check")
+    timers.wrap(optimizer, "plan_step", "planning (plan_step)")
+    timers.wrap(planning, "check_plan_tensors", "  of which: tensor gate")
+    timers.wrap(planning, "choose_path", "  of which: path choice")
+    timers.wrap(am_adamw.AMAdamW, "_partial_sums", "phase 1 (sums)")
+    timers.wrap(cpu, "adamw_sums", "  of which: C sums kernel")
+    timers.wrap(optimizer, "scope_sums", "sums per scope (reduction)")
+    timers.wrap(optimizer, "step_coefficients", "coefficient formula")
+    timers.wrap(am_adamw.AMAdamW, "_apply_update", "phase 2 (update)")
+    timers.wrap(cpu, "adamw_update", "  of which: C update kernel")
+    timers.wrap(optimizer, "record_step", "recording statistics")
+
+
+def profile(size: str, steps: int) -> str:
+    import torch
+
+    import hf_am
+
+    model, groups = build(size)
+    n = sum(p.numel() for p in model.parameters())
+    am = hf_am.AMAdamW(groups, lr=1e-3)
+    fused = torch.optim.AdamW([dict(g) for g in groups], lr=1e-3, fused=True)
+    timers = Timers()
+    install(timers)
+    for _ in range(5):
+        am.step()
+        fused.step()
+    per_step, fused_times, summary_times = [], [], []
+    timers.reset()
+    for _ in range(steps):
+        t0 = time.perf_counter_ns()
+        am.step()
+        t1 = time.perf_counter_ns()
+        am.beta_summary_tensor()
+        t2 = time.perf_counter_ns()
+        fused.step()
+        t3 = time.perf_counter_ns()
+        per_step.append(t1 - t0)
+        summary_times.append(t2 - t1)
+        fused_times.append(t3 - t2)
+    step_us = statistics.fmean(per_step) / 1e3
+    parts = {k: v / steps / 1e3 for k, v in timers.total.items()}
+    top_level = [k for k in parts if not k.startswith("  ")]
+    rest = step_us - sum(parts[k] for k in top_level)
+    lines = [f"### {size}: {n / 1e6:.2f}M parameters, {sum(len(g['params']) for g in groups)} tensors in 2 groups, "
+             f"{steps} steps", "", "| part | us per step | share of the AM step |", "|---|---|---|"]
+    for k in timers.order:
+        v = parts.get(k, 0.0)
+        lines.append(f"| {k} | {v:.0f} | {v / step_us:.1%} |")
+    lines.append(f"| rest of step() | {rest:.0f} | {rest / step_us:.1%} |")
+    lines.append(f"| **AM-AdamW step** (mean; median {statistics.median(per_step) / 1e3:.0f}) | **{step_us:.0f}** | 100% |")
+    lines.append(f"| beta_summary_tensor() (the callback's read) | {statistics.fmean(summary_times) / 1e3:.0f} | |")
+    lines.append(f"| AdamW fused step (mean; median {statistics.median(fused_times) / 1e3:.0f}) | "
+                 f"{statistics.fmean(fused_times) / 1e3:.0f} | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=sorted(SIZES))
+    p.add_argument("--steps", type=int, default=200, help="timed steps per size (default 200)")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print(describe("cpu"))
+    print(f"`python benchmarks/step_profile.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n")
+    for size in args.sizes:
+        print(profile(size, args.steps), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
