@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help=f"output folder (default experiments/results/{NAME}/)")
     p.add_argument("--size", default="tiny", help="recipe --model_size (default tiny)")
     p.add_argument("--rates", type=float, nargs="+", default=None,
-                   help="peak learning rates of AdamW and AM-AdamW (default 1e-3 3e-3 1e-2 3e-2 1e-1; quick 1e-2 3e-2)")
+                   help="peak learning rates of AdamW and AM-AdamW (default 1e-3 3e-3 1e-2 3e-2; quick 1e-2 3e-2)")
     p.add_argument("--variant-rate", type=float, default=None,
                    help="the one rate of AM-Clip and AM-Restart (default: AM-AdamW's best rate of the same warmup setting)")
     p.add_argument("--clip-beta-min", type=float, default=0.5, help="AM-Clip's beta_min (default 0.5)")
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--plot-only", action="store_true", help="rebuild tables and plots from the finished runs only")
     args = p.parse_args(argv)
-    args.rates = args.rates or ([1e-2, 3e-2] if args.quick else [1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+    args.rates = args.rates or ([1e-2, 3e-2] if args.quick else [1e-3, 3e-3, 1e-2, 3e-2])
     args.seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     if args.quick and args.steps is None:
         args.steps = 12
