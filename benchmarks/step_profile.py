@@ -105,8 +105,11 @@ def profile(size: str, steps: int) -> str:
 
     model, groups = build(size)
     n = sum(p.numel() for p in model.parameters())
-    am = hf_am.AMAdamW(groups, lr=1e-3)
-    fused = torch.optim.AdamW([dict(g) for g in groups], lr=1e-3, fused=True)
+    # fresh group dicts for each: an optimizer writes its defaults into the dicts it is given
+    # (AM's fused=None would turn AdamW's fused=True off)
+    fused = torch.optim.AdamW([dict(params=g["params"], weight_decay=g["weight_decay"]) for g in groups], lr=1e-3,
+                              fused=True)
+    am = hf_am.AMAdamW([dict(params=g["params"], weight_decay=g["weight_decay"]) for g in groups], lr=1e-3)
     timers = Timers()
     install(timers)
     for _ in range(5):

@@ -19,7 +19,7 @@ optimizer at its own best rate (lowest mean) and both at the same rates; and the
 claims, each "held" or "not held" by the rule printed next to it, with the numbers.
 
     python experiments/llama_study.py --quick --out /tmp/llama   # ~1-2 min (tests)
-    python experiments/llama_study.py                             # full grid, ~1 h on 2 cores
+    python experiments/llama_study.py                             # full grid (60 runs), 1-2 h on 2 cores
 
 Writes results.json, results.csv, results.md, final_loss_vs_lr.png, eval_curves.png and
 beta.png into --out; the runs themselves live in --out/runs/ (an interrupted study resumes).
