@@ -23,6 +23,8 @@ def record_step(optimizer, plans: List[GroupPlan], coefficients, restart: torch.
     per group).  ``restart``: the per-scope restart flags the update used; the applied coefficient stored
     is the one the update multiplied the old momentum by, 0 after a restart."""
     states = [optimizer.state[p] for plan in plans for p in plan.params]
+    if not states:  # a rank without gradients still ran the step's collective: nothing of its own to record
+        return
     reps: Dict[Hashable, Dict[str, Any]] = optimizer._scope_reps
     for plan in plans:
         if optimizer.scope == "tensor":

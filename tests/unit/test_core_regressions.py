@@ -51,3 +51,13 @@ def test_split_check_counts_only_tensors_of_its_group(world1):
     b.grad = torch.ones(3)
     opt.step()
     assert torch.allclose(b, torch.full((3,), 0.9))
+
+
+def test_rank_without_any_gradient_still_steps(world1):
+    """A sharded rank whose parameters all lack gradients still takes part in the step's collective
+    (the others need its zeros); recording the statistics must then be a no-op, not an error."""
+    a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(3))
+    opt = hf_am.AMAdamW([a, b], lr=0.1, scope="tensor", process_group=world1)
+    opt.step()  # no .grad anywhere
+    assert torch.equal(a, torch.ones(4)) and torch.equal(b, torch.ones(3))
+    assert not any(opt.state.values())
