@@ -193,7 +193,7 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
             self._apply_update(plan, applied_here, restart_here)
             lr = plan.group["lr"]  # a tensor lr is updated in place by schedulers: keep a copy
             plan.group[PREV_LR] = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
-        record_step(self, plans, coefficients, restart, layout.device, torch.zeros(()) if initialising else loss)
+        record_step(self, plans, coefficients, applied, restart, layout.device, torch.zeros(()) if initialising else loss)
         # After a state-initialising step am_prev_loss is a placeholder (0): it gives the state its
         # keys (DCP loads only the keys the state already has), but no step may difference it.
         self._prev_loss_placeholder = initialising

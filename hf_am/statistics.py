@@ -17,11 +17,13 @@ from .planning import GroupPlan
 from .state import APPLIED, BETA, FALLBACKS, PREV_LOSS, RESTARTS
 
 
-def record_step(optimizer, plans: List[GroupPlan], coefficients, restart: torch.Tensor, device, loss) -> None:
+def record_step(optimizer, plans: List[GroupPlan], coefficients, applied: torch.Tensor, restart: torch.Tensor, device,
+                loss) -> None:
     """Store each scope's reported and applied coefficients, restart and fallback counts and (exact mode)
     the loss in every member's state, for all groups of the step at once (a few ops per step rather than
-    per group).  ``restart``: the per-scope restart flags the update used; the applied coefficient stored
-    is the one the update multiplied the old momentum by, 0 after a restart."""
+    per group).  ``applied``, ``restart``: the per-scope coefficient and restart flags the update used
+    (on a rank disagreement they differ from ``coefficients``); the applied coefficient stored is the one
+    the update multiplied the old momentum by, 0 after a restart."""
     states = [optimizer.state[p] for plan in plans for p in plan.params]
     if not states:  # a rank without gradients still ran the step's collective: nothing of its own to record
         return
@@ -33,7 +35,7 @@ def record_step(optimizer, plans: List[GroupPlan], coefficients, restart: torch.
         else:
             reps["model" if optimizer.scope == "model" else id(plan.group)] = optimizer.state[plan.params[0]]
     idx = optimizer._device_constants.index([s for plan in plans for s in plan.scope_ids], device)
-    memory = coefficients.applied * (1.0 - restart)
+    memory = applied * (1.0 - restart)
     per_tensor = torch.stack([coefficients.reported, restart, coefficients.fallback, memory]).index_select(1, idx)
     reported, restarts, fallbacks, applied = (list(row.unbind(0)) for row in per_tensor.unbind(0))
     torch._foreach_copy_([s[BETA] for s in states], reported)
