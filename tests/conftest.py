@@ -38,3 +38,13 @@ def deepspeed_config():
 def max_param_diff():
     """Largest elementwise parameter difference (helpers.max_param_diff)."""
     return helpers.max_param_diff
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """A saved tiny LLaMA (trainer_common.save_tiny_model), one per test module, for Trainer runs."""
+    from trainer_common import save_tiny_model
+
+    path = str(tmp_path_factory.mktemp("tiny_llama"))
+    save_tiny_model(path)
+    return path

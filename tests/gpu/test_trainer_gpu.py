@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from types import SimpleNamespace
 
@@ -20,15 +19,6 @@ import torch
 from trainer_harness import SCRIPT, free_port, max_param_diff, run_command  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from trainer_common import save_tiny_model
-
-    path = str(tmp_path_factory.mktemp("tiny_llama"))
-    save_tiny_model(path)
-    return path
 
 
 def _script_args(model_dir, out, results, per_device):

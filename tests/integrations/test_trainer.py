@@ -32,15 +32,6 @@ def _fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from trainer_common import save_tiny_model
-
-    path = str(tmp_path_factory.mktemp("tiny_llama"))
-    save_tiny_model(path)
-    return path
-
-
 def tiny_model():
     from transformers import LlamaForCausalLM
     from trainer_common import tiny_config

@@ -147,15 +147,6 @@ def run_worker_nodes(tmp_path, model_dir: str, runs: List[dict], nproc_per_node:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from trainer_common import save_tiny_model
-
-    path = str(tmp_path_factory.mktemp("tiny_llama"))
-    save_tiny_model(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def reference(model_dir, tmp_path_factory):
     """One process, no distributed backend, global batch 4."""
     ref = run_worker(tmp_path_factory.mktemp("ref"), model_dir, [dict(RUN)], launcher="python")["tensor"]

@@ -183,7 +183,7 @@ def test_dcp_state_initialising_step_of_exact_estimate():
 
 
 @pytest.mark.multiprocess
-def test_trainer_resumes_zero2_checkpoint_on_one_rank(tmp_path):
+def test_trainer_resumes_zero2_checkpoint_on_one_rank(tmp_path, model_dir):
     """The Trainer: a 2-rank ZeRO-2 run saves checkpoint-3; ``python -m hf_am.integrations.deepspeed``
     converts it; a 1-rank Trainer with ``"checkpoint": {"load_universal": true}`` and
     ``--resume_from_checkpoint`` continues the 2-rank run to step 6 (parameters 1e-6, betas 1e-5).
@@ -193,12 +193,10 @@ def test_trainer_resumes_zero2_checkpoint_on_one_rank(tmp_path):
     import shutil
     import sys
 
-    from trainer_common import save_tiny_model
     from trainer_harness import run_command, torchrun
 
     worker = str(Path(__file__).resolve().parent / "workers" / "trainer_reshard.py")
-    model, out = str(tmp_path / "model"), str(tmp_path / "out")
-    save_tiny_model(model)
+    model, out = model_dir, str(tmp_path / "out")
     run_command(torchrun(2) + [worker, "save", model, out, str(tmp_path / "save.pt")])
     ckpt = os.path.join(out, "checkpoint-3")
     run_command([sys.executable, "-m", "hf_am.integrations.deepspeed", "--input_folder", f"{ckpt}/global_step3",

@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -119,6 +121,21 @@ def finish(result: dict) -> None:
         dist.barrier()
         dist.destroy_process_group()
     exit_process(0)
+
+
+@contextmanager
+def exit_on_error():
+    """Around a worker's cases: an exception is printed, the group left and the process ended with
+    status 1 (the launcher then reports the rank as failed; no result file is written)."""
+    import torch.distributed as dist
+
+    try:
+        yield
+    except Exception:
+        traceback.print_exc()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        exit_process(1)
 
 
 def exit_process(code: int) -> None:

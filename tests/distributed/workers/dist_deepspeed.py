@@ -16,10 +16,8 @@ reports the error.
 from __future__ import annotations
 
 import sys
-import traceback
 
 import torch
-import torch.distributed as dist
 
 import dist_common as dc
 from helpers import deepspeed_config, max_param_diff
@@ -128,13 +126,9 @@ def main():
 
     deepspeed.init_distributed(dist_backend="gloo")
     result = {}
-    try:
+    with dc.exit_on_error():
         for case in sys.argv[1:]:
             result[case] = run_case(rank, world, case)
-    except Exception:
-        traceback.print_exc()
-        dist.destroy_process_group()
-        dc.exit_process(1)
     dc.finish(result)
 
 

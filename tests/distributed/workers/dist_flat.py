@@ -29,7 +29,6 @@ Modes (``<mode>=<case>,<case>`` arguments, several per launch):
 from __future__ import annotations
 
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -198,7 +197,7 @@ def main():
     """argv[1:]: ``<mode>=<case>,<case>,...`` tokens, run in order in one launch (startup dominates)."""
     rank, world = dc.init()
     result = {}
-    try:
+    with dc.exit_on_error():
         for token in sys.argv[1:]:
             mode, _, cases = token.partition("=")
             out = result.setdefault(mode, {})
@@ -214,11 +213,6 @@ def main():
                     out[case] = run_late_disagreement(rank, case, "cuda" if mode == "late-cuda" else "cpu")
                 else:
                     raise SystemExit(f"unknown mode {mode}")
-    except Exception:
-        traceback.print_exc()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        dc.exit_process(1)
     dc.finish(result)
 
 

@@ -17,7 +17,6 @@ Modes (arguments ``fsdp2=<case>,<case>`` and ``mixed``, several per launch):
 from __future__ import annotations
 
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -126,7 +125,7 @@ def main():
     rank, world = dc.init()
     mesh = init_device_mesh("cpu", (world,))
     result = {}
-    try:
+    with dc.exit_on_error():
         for token in sys.argv[1:]:
             mode, _, cases = token.partition("=")
             if mode == "fsdp2":
@@ -140,10 +139,6 @@ def main():
                 }
             else:
                 raise SystemExit(f"unknown mode {mode}")
-    except Exception:
-        traceback.print_exc()
-        dist.destroy_process_group()
-        dc.exit_process(1)
     dc.finish(result)
 
 

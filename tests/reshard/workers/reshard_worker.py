@@ -32,7 +32,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -373,7 +372,7 @@ def ds_resume(rank, world, root, stage):
 def main():
     rank, world = dc.init()
     result = {"world": world}
-    try:
+    with dc.exit_on_error():
         mesh = None
         for token in sys.argv[1:]:
             phase, _, arg = token.partition("=")
@@ -399,10 +398,6 @@ def main():
                         result.setdefault(phase, {})[stage] = ds_resume(rank, world, root, stage)
             else:
                 raise SystemExit(f"unknown phase {phase}")
-    except Exception:
-        traceback.print_exc()
-        dist.destroy_process_group()
-        dc.exit_process(1)
     dc.finish(result)
 
 
