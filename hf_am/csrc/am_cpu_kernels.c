@@ -11,9 +11,10 @@
  * from those sums, and stores the second moment it computes again.
  *
  * Plain C, no torch headers: it compiles in about a second.  Work is cut into
- * fixed chunks that threads (pthreads) take from a shared counter; partial sums
- * are per chunk and added in chunk order, so results are deterministic (and the
- * same for every thread count).  AdamW's
+ * fixed chunks that threads take from a shared counter; partial sums are per
+ * chunk and added in chunk order, so results are deterministic (and the same for
+ * every thread count and either threading).  The threads are torch's own OpenMP
+ * pool when built with AM_OPENMP (see "threading" below), else pthreads.  AdamW's
  * inner loops form x * (x / D') and accumulate blocks in the parameter precision,
  * SGD's form products in double; blocks are added in double.
  * Every per-tensor scalar comes in as an array of doubles (read from tensors the
@@ -196,6 +197,7 @@ static int run(Work base, RangeFn fn, int threads, double *out) {
     sh.first = first;
     sh.chunk_out = NULL;
     sh.next = 0;
+    int status = 0;
     if (out && chunks > 0) {
         sh.chunk_out = (double *)calloc((size_t)chunks * 3, sizeof(double));
         if (!sh.chunk_out) {
@@ -203,8 +205,16 @@ static int run(Work base, RangeFn fn, int threads, double *out) {
             return 1;
         }
     }
+#ifdef AM_OPENMP
+    /* torch's OpenMP pool (hf_am/kernels/cpu_build.py links this library against the runtime torch
+     * loaded): right after the backward pass its workers are awake and spinning, so a pass started
+     * on them costs no thread start, and does not compete with them for the cores, as fresh pthreads
+     * would (measured in benchmarks/RESULTS.md).  Any team size gives the same results. */
+#pragma omp parallel num_threads(threads)
+    run_chunks(&sh);
+#else
     pthread_t ids[64];
-    int started = 0, status = 0;
+    int started = 0;
     for (int t = 1; t < threads; ++t) {
         if (pthread_create(&ids[t], NULL, run_chunks, &sh) != 0) {
             status = 2;
@@ -214,6 +224,7 @@ static int run(Work base, RangeFn fn, int threads, double *out) {
     }
     if (status == 0) run_chunks(&sh);
     for (int t = 1; t <= started; ++t) pthread_join(ids[t], NULL);
+#endif
     if (status == 0 && out) {
         for (int64_t i = 0; i < base.n; ++i)
             for (int64_t c = first[i]; c < first[i + 1]; ++c)
@@ -225,6 +236,15 @@ static int run(Work base, RangeFn fn, int threads, double *out) {
 }
 
 /* ---------------------------------------------------------------- entry points */
+/* How this build runs its threads: 1 on the OpenMP pool of the process (torch's), 0 on pthreads. */
+int am_threading(void) {
+#ifdef AM_OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* Return 0 on success; `dtype_bits` is 32 or 64. `out` must hold n * 3 zeros. */
 int am_adamw_sums(int dtype_bits, int threads, int64_t n, const int64_t *numel, void **g, void **m, void **v,
                   double beta2, const double *eps_scaled, const double *d_scale, double *out) {

@@ -7,6 +7,17 @@ by the source, compiler and flags, and loaded with :mod:`ctypes`.  They cover
 contiguous float32/float64 CPU tensors, the case where torch's per-op dispatch
 makes the multi-tensor path slow (CPU training, DeepSpeed ZeRO-Offload).
 
+The kernels' threads are torch's own OpenMP pool where they can share it: on
+Linux, with GCC, when torch's parallel backend is OpenMP and the one OpenMP
+runtime mapped in the process is GNU libgomp, the library is built with
+``-fopenmp`` and linked against exactly that runtime (so its parallel regions
+run on torch's team).  Right after the backward pass torch's workers are awake
+and spinning; fresh pthreads would compete with them for the cores and cost a
+thread start per pass (benchmarks/RESULTS.md measures both).  Elsewhere, with
+``HF_AM_CPU_OPENMP=0``, or when that build fails, the kernels start pthreads.
+The results are the same either way: each chunk's sums go to their own slot and
+are added in chunk order.  :func:`threading` says which one this process uses.
+
 Without a compiler, or with ``HF_AM_CPU_KERNELS=0``, :func:`library` returns
 ``None`` and the optimizers take the multi-tensor path.  The compiler is
 ``$HF_AM_CC``, else ``$CC``, else the first of ``cc``, ``gcc``, ``clang``.
@@ -50,21 +61,25 @@ import shutil
 import stat
 import subprocess
 import tempfile
-import threading
+import threading as _threads
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "am_cpu_kernels.c"
-FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-pthread"]
+COMPILE_FLAGS = ["-O3", "-fPIC", "-fopenmp-simd", "-fno-math-errno", "-pthread"]
+FLAGS = [*COMPILE_FLAGS[:2], "-shared", *COMPILE_FLAGS[2:]]  # the pthreads build: one command
+OPENMP_FLAGS = ["-fopenmp", "-DAM_OPENMP"]  # compile only: the link names torch's runtime itself
+_OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")  # file-name prefixes of OpenMP runtimes
 PREFIX = "am_cpu_kernels"
 LOCK_NAME = f"{PREFIX}.lock"
 LOCK_TIMEOUT_S = 300.0  # how long a process waits for another's build before giving up
 _DIGEST_MAX = 4096  # bytes read from a sidecar file
 
-_lock = threading.Lock()
-_state = {"tried": False, "lib": None, "error": None, "path": None}
+_lock = _threads.Lock()
+_state = {"tried": False, "lib": None, "error": None, "path": None, "threading": None}
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
@@ -76,6 +91,79 @@ class _Unsafe(Exception):
 
 class _NoLock(Exception):
     """The cache's file system does not support flock."""
+
+
+class _CompileError(RuntimeError):
+    """The compiler or linker failed (the OpenMP build then falls back to the pthreads build)."""
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """One way to build the library: on torch's OpenMP runtime ``runtime``, or on pthreads (``None``)."""
+
+    runtime: Optional[str] = None
+
+    def key(self) -> bytes:
+        if self.runtime is None:
+            return " ".join(FLAGS).encode()
+        return b"\0".join([" ".join(COMPILE_FLAGS + OPENMP_FLAGS).encode(), self.runtime.encode()])
+
+    def commands(self, cc: str, obj: Path, out: Path) -> list:
+        if self.runtime is None:
+            return [[cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"]]
+        rpath = os.path.dirname(self.runtime)
+        return [
+            [cc, *COMPILE_FLAGS, *OPENMP_FLAGS, "-c", str(SOURCE), "-o", str(obj)],
+            # Linked against the runtime file itself (not -lgomp, which could name a second copy):
+            # its soname is already loaded, so the dynamic loader reuses torch's.
+            [cc, "-shared", str(obj), self.runtime, f"-Wl,-rpath,{rpath}", "-o", str(out), "-lm", "-pthread"],
+        ]
+
+
+def _mapped_openmp_runtimes() -> Optional[set]:
+    """Paths of the OpenMP runtimes mapped in this process (Linux), ``None`` where it cannot be read."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return None
+    found = set()
+    for line in lines:
+        fields = line.split(None, 5)
+        if len(fields) == 6 and os.path.basename(fields[5]).startswith(_OPENMP_RUNTIMES):
+            found.add(fields[5])
+    return found
+
+
+def openmp_runtime(cc: Optional[str] = None, version: str = "") -> Tuple[Optional[str], Optional[str]]:
+    """``(path, None)`` of the GNU OpenMP runtime torch runs its thread pool on, when the kernels can
+    be built to share it, else ``(None, why not)``."""
+    if os.environ.get("HF_AM_CPU_OPENMP", "1") == "0":
+        return None, "HF_AM_CPU_OPENMP=0"
+    if platform.system() != "Linux":
+        return None, f"not Linux ({platform.system()})"
+    if cc is not None and ("Free Software Foundation" not in version or "clang" in version.lower()):
+        return None, f"{cc} is not GCC (libgomp's ABI)"
+    import torch
+
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None, "torch's parallel backend is not OpenMP"
+    runtimes = _mapped_openmp_runtimes()
+    if runtimes is None:
+        return None, "/proc/self/maps cannot be read"
+    if len(runtimes) != 1:
+        return None, f"{len(runtimes)} OpenMP runtimes are mapped ({', '.join(sorted(runtimes)) or 'none'})"
+    (path,) = runtimes
+    if not os.path.basename(path).startswith("libgomp") or not os.path.isfile(path):
+        return None, f"torch's OpenMP runtime {path} is not a GNU libgomp file"
+    return path, None
+
+
+def threading() -> Optional[str]:
+    """How the loaded kernels run their threads, e.g. ``"openmp (/…/torch/lib/libgomp.so.1)"`` or
+    ``"pthreads (HF_AM_CPU_OPENMP=0)"``; ``None`` before :func:`library` or when it is unavailable."""
+    library()
+    return _state["threading"]
 
 
 def compiler() -> Optional[str]:
@@ -352,15 +440,17 @@ def _write_digest(dfd: int, name: str, digest: str, token: str) -> None:
     os.replace(tmp, side, src_dir_fd=dfd, dst_dir_fd=dfd)
 
 
-def _build(cc: str, where: Path, dfd: int, name: str) -> int:
+def _build(cc: str, where: Path, dfd: int, name: str, recipe: _Recipe) -> int:
     """Compile into ``where`` (descriptor ``dfd``) under a temporary name, record its digest and install
     it as ``name``; returns a descriptor of the installed file, whose bytes are the ones hashed."""
     token = f"{os.getpid()}-{os.urandom(4).hex()}"
     tmp = f"{name[: -len('.so')]}.{token}.tmp.so"
+    obj = f"{name[: -len('.so')]}.{token}.tmp"
     try:
-        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(where / tmp), "-lm"], capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
+        for command in recipe.commands(cc, where / obj, where / tmp):
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                raise _CompileError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
         try:
             fd = os.open(tmp, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=dfd)
         except OSError as exc:
@@ -383,10 +473,11 @@ def _build(cc: str, where: Path, dfd: int, name: str) -> int:
             os.close(fd)
             raise
     finally:
-        try:
-            os.unlink(tmp, dir_fd=dfd)
-        except FileNotFoundError:
-            pass
+        for leftover in (tmp, obj):
+            try:
+                os.unlink(leftover, dir_fd=dfd)
+            except FileNotFoundError:
+                pass
 
 
 def _dlopen(fd: int, path: Path) -> ctypes.CDLL:
@@ -398,7 +489,7 @@ def _dlopen(fd: int, path: Path) -> ctypes.CDLL:
     return ctypes.CDLL(str(path))
 
 
-def _obtain(cc: str, where: Path, dfd: int, name: str, shared: bool) -> ctypes.CDLL:
+def _obtain(cc: str, where: Path, dfd: int, name: str, shared: bool, recipe: _Recipe) -> ctypes.CDLL:
     """Load the verified library ``name`` from the directory ``dfd``, (re)building it when missing or bad."""
     fd, why = _check_existing(dfd, name)
     if fd is not None and any(_is_temp(entry) for entry in os.listdir(dfd)):
@@ -412,7 +503,7 @@ def _obtain(cc: str, where: Path, dfd: int, name: str, shared: bool) -> ctypes.C
                 if why and shared:
                     _warn(f"not loading the cached CPU kernel library {where / name}: it {why}; rebuilding it")
                 _remove_stale_temps(dfd)
-                fd = _build(cc, where, dfd, name)
+                fd = _build(cc, where, dfd, name, recipe)
         finally:
             os.close(lock)  # releases the flock
     try:
@@ -430,8 +521,26 @@ def _load() -> Optional[ctypes.CDLL]:
     if cc is None:
         raise RuntimeError("no C compiler found (set HF_AM_CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    runtime, why_not = openmp_runtime(cc, version)
+    lib = None
+    if runtime is not None:
+        try:
+            lib = _load_recipe(cc, version, _Recipe(runtime))
+            after = _mapped_openmp_runtimes()
+            if after is not None and after != {runtime}:  # the loader should have reused torch's
+                _warn(f"the CPU kernels mapped another OpenMP runtime ({', '.join(sorted(after - {runtime}))})")
+            _state["threading"] = f"openmp ({runtime})"
+        except _CompileError as exc:
+            why_not = f"the OpenMP build failed: {str(exc)[:300]}"
+    if lib is None:
+        lib = _load_recipe(cc, version, _Recipe())
+        _state["threading"] = f"pthreads ({why_not})"
+    return _declare(lib)
+
+
+def _load_recipe(cc: str, version: str, recipe: _Recipe) -> ctypes.CDLL:
     key = hashlib.sha256(
-        b"\0".join([SOURCE.read_bytes(), cc.encode(), version.encode(), " ".join(FLAGS).encode(), platform.machine().encode()])
+        b"\0".join([SOURCE.read_bytes(), cc.encode(), version.encode(), recipe.key(), platform.machine().encode()])
     ).hexdigest()[:16]
     name = f"{PREFIX}-{key}.so"
     where = cache_dir()
@@ -446,7 +555,7 @@ def _load() -> Optional[ctypes.CDLL]:
     lib = None
     if dfd is not None:
         try:
-            lib = _obtain(cc, where, dfd, name, shared=True)
+            lib = _obtain(cc, where, dfd, name, True, recipe)
         except (_NoLock, _Unsafe) as exc:
             _warn(f"not using the kernel cache: {exc}; building the CPU kernels in a private temporary directory")
         except TimeoutError:
@@ -461,17 +570,23 @@ def _load() -> Optional[ctypes.CDLL]:
             os.chmod(scratch, 0o700)
             dfd = _open_private_dir(scratch)
             try:
-                lib = _obtain(cc, scratch, dfd, name, shared=False)
+                lib = _obtain(cc, scratch, dfd, name, False, recipe)
             finally:
                 os.close(dfd)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)  # the mapping outlives the file
+    return lib
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the entry points' C signatures (ctypes would otherwise pass doubles as ints)."""
     i64, ptr, dbl = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
     head = [ctypes.c_int, ctypes.c_int, i64, ptr]  # dtype bits, threads, n, numel
     lib.am_adamw_sums.argtypes = head + [ptr, ptr, ptr, dbl, ptr, ptr, ptr]
     lib.am_adamw_update.argtypes = head + [ptr, ptr, ptr, ptr, dbl, ptr, ptr, ptr, ptr, ptr]
     lib.am_sgd_sums.argtypes = head + [ptr, ptr, ptr, dbl, ptr]
     lib.am_sgd_update.argtypes = head + [ptr, ptr, ptr, dbl, ptr, ptr]
-    for fn in (lib.am_adamw_sums, lib.am_adamw_update, lib.am_sgd_sums, lib.am_sgd_update):
+    lib.am_threading.argtypes = []
+    for fn in (lib.am_adamw_sums, lib.am_adamw_update, lib.am_sgd_sums, lib.am_sgd_update, lib.am_threading):
         fn.restype = ctypes.c_int
     return lib
