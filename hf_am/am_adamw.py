@@ -154,8 +154,10 @@ class AMAdamW(AMOptimizer):
     def _partial_sums(self, plan: GroupPlan) -> torch.Tensor:
         """Phase 1 reads only (state changes in phase 2), so a step that raises before phase 2 changes nothing."""
         states, exp_avgs, exp_avg_sqs = self._lists(plan)
-        steps = torch._foreach_add([s["step"] for s in states], 1.0)  # this step's count, stored in phase 2
-        prods = [s[PROD] for s in states]
+        # Per-tensor scalars as vectors: one stack each instead of an op per tensor (on CPU a foreach
+        # op on 0-d tensors dispatches once per tensor).  This step's count is stored in phase 2.
+        steps = torch.stack([s["step"] for s in states]) + 1.0
+        prods = torch.stack([s[PROD] for s in states])
         beta2, eps = plan.group["betas"][1], plan.group["eps"]
         if plan.path is Path.REFERENCE:
             sums, scratch = reference.adamw_sums(plan.local_grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps)
@@ -165,15 +167,14 @@ class AMAdamW(AMOptimizer):
                 sums, scratch = _sums_fused(plan.kernels, *args)
             else:
                 sums, scratch = multi_tensor.adamw_sums(*args)
-        plan.scratch = (scratch, steps)
+        plan.scratch = (scratch, steps, prods, (states, exp_avgs, exp_avg_sqs))
         return sums
 
     def _apply_update(self, plan: GroupPlan, applied: torch.Tensor, restart: torch.Tensor) -> None:
-        states, exp_avgs, exp_avg_sqs = self._lists(plan)
-        prods = torch.stack([s[PROD] for s in states])
+        # The lists and prods as phase 1 read them (phase 1 changes no state).
+        scratch, steps, prods, (states, exp_avgs, exp_avg_sqs) = plan.scratch
         prods_new = torch.where(restart > 0, torch.ones_like(prods), prods) * applied.to(prods.dtype)
         group = plan.group
-        scratch, steps = plan.scratch
         update = _UPDATES[plan.path]
         update(
             plan.local_params,
@@ -189,7 +190,7 @@ class AMAdamW(AMOptimizer):
             has_restarts=group["restart_threshold"] is not None,
         )
         torch._foreach_copy_([s[PROD] for s in states], list(prods_new.unbind(0)))
-        torch._foreach_copy_([s["step"] for s in states], steps)
+        torch._foreach_copy_([s["step"] for s in states], list(steps.unbind(0)))
         plan.scratch = None
 
 

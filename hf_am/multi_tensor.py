@@ -22,10 +22,10 @@ from .reference import decayed_gradients
 # where c = sqrt(1 - beta2^t) is a per-tensor scalar: sum(x^2 / D) = c * sum(x^2 / D'), and
 # the update p -= lr * m / (1 - prod) / D is p += s * m / D' with s = -lr * c / (1 - prod).
 # That saves a pass in each phase and makes lr == 0 a plain zero step size (docs/algorithm.md §10).
-def adamw_bias_terms(steps, prods, eps, beta2, acc):
-    """(c = sqrt(1 - beta2^t), scale of d = m / (1 - prod), eps * c), per tensor."""
-    bias2_sqrt = (1.0 - beta2 ** torch.stack(steps).to(acc)).sqrt()
-    prod_t = torch.stack(prods).to(acc)
+def adamw_bias_terms(steps: torch.Tensor, prods: torch.Tensor, eps, beta2, acc):
+    """(c = sqrt(1 - beta2^t), scale of d = m / (1 - prod), eps * c), per tensor (``steps``, ``prods``: 1-D)."""
+    bias2_sqrt = (1.0 - beta2 ** steps.to(acc)).sqrt()
+    prod_t = prods.to(acc)
     # prod == 1 means there is no previous momentum yet (d = 0).
     d_scale = torch.where(prod_t < 1, 1.0 / (1.0 - prod_t), torch.zeros_like(prod_t))
     return bias2_sqrt, d_scale, eps * bias2_sqrt

@@ -35,13 +35,17 @@ def record_step(optimizer, plans: List[GroupPlan], coefficients, applied: torch.
         else:
             reps["model" if optimizer.scope == "model" else id(plan.group)] = optimizer.state[plan.params[0]]
     idx = optimizer._device_constants.index([s for plan in plans for s in plan.scope_ids], device)
-    memory = applied * (1.0 - restart)
-    per_tensor = torch.stack([coefficients.reported, restart, coefficients.fallback, memory]).index_select(1, idx)
-    reported, restarts, fallbacks, applied = (list(row.unbind(0)) for row in per_tensor.unbind(0))
-    torch._foreach_copy_([s[BETA] for s in states], reported)
-    torch._foreach_add_([s[RESTARTS] for s in states], restarts)
-    torch._foreach_add_([s[FALLBACKS] for s in states], fallbacks)
-    torch._foreach_copy_([s[APPLIED] for s in states], applied)
+    # Without the Restart variant in any group the restart flags are zeros (a fact of the options, not
+    # of the values: no host sync): the counts stay as they are, and the kept memory is `applied`.
+    restarts_possible = any(plan.group["restart_threshold"] is not None for plan in plans)
+    memory = applied * (1.0 - restart) if restarts_possible else applied
+    rows = [coefficients.reported, coefficients.fallback, memory] + ([restart] if restarts_possible else [])
+    per_tensor = [list(row.unbind(0)) for row in torch.stack(rows).index_select(1, idx).unbind(0)]
+    torch._foreach_copy_([s[BETA] for s in states], per_tensor[0])
+    torch._foreach_add_([s[FALLBACKS] for s in states], per_tensor[1])
+    torch._foreach_copy_([s[APPLIED] for s in states], per_tensor[2])
+    if restarts_possible:
+        torch._foreach_add_([s[RESTARTS] for s in states], per_tensor[3])
     if optimizer.loss_estimate == "exact":
         value = torch.as_tensor(loss).detach()
         for s in states:
@@ -83,9 +87,11 @@ class BetaStatistics:
         # Called every step by the Trainer callback: one stack per key, then one conversion (exact:
         # float32 -> float64), rather than a conversion per scope (4 ops per tensor under scope="tensor").
         if all(APPLIED in s and FALLBACKS in s for s in reps):
-            betas, applied, restarts, fallbacks = (
-                torch.stack([s[key] for s in reps]).double() for key in (BETA, APPLIED, RESTARTS, FALLBACKS)
-            )
+            # one stack of all four keys, then one row per key (contiguous, so each reduction below sees
+            # exactly the tensor a stack per key would give: the same bits)
+            keys = (BETA, APPLIED, RESTARTS, FALLBACKS)
+            table = torch.stack([s[key] for s in reps for key in keys]).double().view(len(reps), 4).t().contiguous()
+            betas, applied, restarts, fallbacks = table.unbind(0)
         else:  # state of hf_am 0.1 (no applied/fallback counts until the next step)
             betas = torch.stack([s[BETA].double() for s in reps])
             applied = torch.stack([s[APPLIED].double() if APPLIED in s else s[BETA].double() * math.nan for s in reps])
