@@ -87,11 +87,9 @@ class BetaStatistics:
         # Called every step by the Trainer callback: one stack per key, then one conversion (exact:
         # float32 -> float64), rather than a conversion per scope (4 ops per tensor under scope="tensor").
         if all(APPLIED in s and FALLBACKS in s for s in reps):
-            # one stack of all four keys, then one row per key (contiguous, so each reduction below sees
-            # exactly the tensor a stack per key would give: the same bits)
-            keys = (BETA, APPLIED, RESTARTS, FALLBACKS)
-            table = torch.stack([s[key] for s in reps for key in keys]).double().view(len(reps), 4).t().contiguous()
-            betas, applied, restarts, fallbacks = table.unbind(0)
+            betas, applied, restarts, fallbacks = (
+                torch.stack([s[key] for s in reps]).double() for key in (BETA, APPLIED, RESTARTS, FALLBACKS)
+            )
         else:  # state of hf_am 0.1 (no applied/fallback counts until the next step)
             betas = torch.stack([s[BETA].double() for s in reps])
             applied = torch.stack([s[APPLIED].double() if APPLIED in s else s[BETA].double() * math.nan for s in reps])
