@@ -6,7 +6,7 @@ of both phases to the path :func:`hf_am.planning.choose_path` picked.
 
 from __future__ import annotations
 
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -151,6 +151,49 @@ class AMAdamW(AMOptimizer):
             [local_view(s["exp_avg_sq"]) for s in states],
         )
 
+    def _phase_runs(self, plans: List[GroupPlan]) -> List[Tuple[GroupPlan, List[GroupPlan]]]:
+        """One C-kernel call per phase for the groups that differ only in weight decay.
+
+        The Trainer's two groups (decay on matrices, none on norms) share lr, betas and eps; each
+        call costs tens of microseconds of host work on top of the per-group scalar arithmetic,
+        which at small models is most of AM's extra time.  The kernels take the decay per tensor,
+        and every other per-tensor value is computed elementwise as it would be per group, so the
+        results are the same bits.  Only the CPU set is merged (the Triton set is unchanged until it
+        can be run on a GPU again).
+        """
+        runs: List[Tuple[GroupPlan, List[GroupPlan]]] = []
+        merged: Dict[tuple, List[GroupPlan]] = {}
+        for plan in plans:
+            key = _merge_key(plan)
+            if key is None:
+                runs.append((plan, [plan]))
+            elif key in merged:
+                merged[key].append(plan)
+            else:
+                merged[key] = members = [plan]
+                runs.append((plan, members))
+        return [(run if len(members) == 1 else self._merged_plan(members), members) for run, members in runs]
+
+    def _merged_plan(self, members: List[GroupPlan]) -> GroupPlan:
+        """A plan over the members' tensors, with the weight decay as a float64 vector per tensor."""
+        decays = tuple(m.group["weight_decay"] for m in members for _ in m.params)
+        first = members[0]
+        group = dict(first.group)  # lr, betas, eps and the Restart flag are the members' own (_merge_key)
+        group["weight_decay"] = self._device_constants.get(
+            ("weight_decay", decays), lambda: torch.tensor(decays, dtype=torch.float64)
+        )
+        plan = GroupPlan(
+            group=group,
+            params=[p for m in members for p in m.params],
+            local_params=[p for m in members for p in m.local_params],
+            local_grads=[g for m in members for g in m.local_grads],
+            scope_ids=[i for m in members for i in m.scope_ids],
+            path=Path.FUSED,
+            kernels=first.kernels,
+            group_index=first.group_index,
+        )
+        return plan
+
     def _partial_sums(self, plan: GroupPlan) -> torch.Tensor:
         """Phase 1 reads only (state changes in phase 2), so a step that raises before phase 2 changes nothing."""
         states, exp_avgs, exp_avg_sqs = self._lists(plan)
@@ -173,8 +216,11 @@ class AMAdamW(AMOptimizer):
     def _apply_update(self, plan: GroupPlan, applied: torch.Tensor, restart: torch.Tensor) -> None:
         # The lists and prods as phase 1 read them (phase 1 changes no state).
         scratch, steps, prods, (states, exp_avgs, exp_avg_sqs) = plan.scratch
-        prods_new = torch.where(restart > 0, torch.ones_like(prods), prods) * applied.to(prods.dtype)
         group = plan.group
+        has_restarts = group["restart_threshold"] is not None
+        if has_restarts:  # a restart starts the product of coefficients afresh
+            prods = torch.where(restart > 0, torch.ones_like(prods), prods)
+        prods_new = prods * applied.to(prods.dtype)
         update = _UPDATES[plan.path]
         update(
             plan.local_params,
@@ -187,11 +233,26 @@ class AMAdamW(AMOptimizer):
             prods_new,
             lr=group["lr"],
             weight_decay=group["weight_decay"],
-            has_restarts=group["restart_threshold"] is not None,
+            has_restarts=has_restarts,
         )
         torch._foreach_copy_([s[PROD] for s in states], list(prods_new.unbind(0)))
         torch._foreach_copy_([s["step"] for s in states], list(steps.unbind(0)))
         plan.scratch = None
+
+
+def _merge_key(plan: GroupPlan) -> Optional[tuple]:
+    """What C-kernel plans must share to run as one call (``None``: this plan runs alone)."""
+    if plan.path is not Path.FUSED or plan.kernels is None or plan.kernels.NAME != "cpu":
+        return None
+    group = plan.group
+    lr = group["lr"]
+    if type(lr) not in (float, int):  # a tensor lr (schedulers in place): per group, as before
+        return None
+    # One call walks all its tensors with one element type: the kernels checked each plan's tensors
+    # (one dtype, one device per plan), so plans of other dtypes or devices must not share a call.
+    first = plan.local_params[0]
+    return (id(plan.kernels), first.dtype, first.device, float(lr), group["betas"][1], group["eps"],
+            group["restart_threshold"] is None)
 
 
 # ---------------------------------------------------------------------------

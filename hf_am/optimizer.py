@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -169,8 +169,9 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         self._guard.check_new_layout(plans, layout)
         new_state = [p for plan in plans for p in plan.params if not self.state.get(p)]
         self._init_state(plans)
+        runs = self._phase_runs(plans)
         try:
-            partials = [self._partial_sums(plan) for plan in plans]  # phase 1 reads only
+            partials = _rows_per_plan(plans, runs, [self._partial_sums(run) for run, _ in runs])  # phase 1 reads only
             loss_delta = self._loss_delta(plans, loss, layout)
             sums, mismatch = scope_sums(plans, partials, layout, loss_delta is not None, self._device_constants)
             if mismatch is not None:
@@ -187,10 +188,10 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
             applied = torch.where(mismatch, torch.ones_like(applied), applied)
             restart = torch.where(mismatch, torch.zeros_like(restart), restart)
 
+        for run, _ in runs:
+            idx = self._device_constants.index(run.scope_ids, layout.device)
+            self._apply_update(run, applied.index_select(0, idx), restart.index_select(0, idx))
         for plan in plans:
-            idx = self._device_constants.index(plan.scope_ids, layout.device)
-            applied_here, restart_here = applied.index_select(0, idx), restart.index_select(0, idx)
-            self._apply_update(plan, applied_here, restart_here)
             lr = plan.group["lr"]  # a tensor lr is updated in place by schedulers: keep a copy
             plan.group[PREV_LR] = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
         record_step(self, plans, coefficients, applied, restart, layout.device, torch.zeros(()) if initialising else loss)
@@ -243,6 +244,15 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         return current - prev.to(layout.acc)
 
     # ------------------------------------------------- subclass responsibilities
+    def _phase_runs(self, plans: List[GroupPlan]) -> List[Tuple[GroupPlan, List[GroupPlan]]]:
+        """How the phases run the plans: ``(plan a phase runs, the groups' plans it covers)``.
+
+        One run per plan here; a subclass may cover several plans with one run (AM-AdamW merges
+        the C kernels' calls of groups that differ only in weight decay), whose phase 1 returns
+        the rows of all of them, in order.
+        """
+        return [(plan, [plan]) for plan in plans]
+
     def _init_state(self, plans: List[GroupPlan]) -> None:
         raise NotImplementedError
 
@@ -340,6 +350,15 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
             self._logged_paths = chosen
             for index, path, why in chosen:
                 logger.info("%s: param group %d takes the %s path (%s)", type(self).__name__, index, path.value, why)
+
+
+def _rows_per_plan(plans: List[GroupPlan], runs, sums_per_run: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Phase 1's ``(n_tensors, 3)`` rows of each plan, in plan order, from the rows of each run."""
+    rows: Dict[int, torch.Tensor] = {}
+    for (_, members), sums in zip(runs, sums_per_run):
+        parts = [sums] if len(members) == 1 else sums.split([len(m.params) for m in members])
+        rows.update((id(m), part) for m, part in zip(members, parts))
+    return [rows[id(plan)] for plan in plans]
 
 
 def param_groups_per_tensor(params_or_groups) -> List[Dict[str, Any]]:
