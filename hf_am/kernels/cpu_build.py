@@ -151,12 +151,18 @@ def openmp_runtime(cc: Optional[str] = None, version: str = "") -> Tuple[Optiona
     runtimes = _mapped_openmp_runtimes()
     if runtimes is None:
         return None, "/proc/self/maps cannot be read"
-    if len(runtimes) != 1:
-        return None, f"{len(runtimes)} OpenMP runtimes are mapped ({', '.join(sorted(runtimes)) or 'none'})"
-    (path,) = runtimes
-    if not os.path.basename(path).startswith("libgomp") or not os.path.isfile(path):
-        return None, f"torch's OpenMP runtime {path} is not a GNU libgomp file"
-    return path, None
+    gnu = sorted(p for p in runtimes if os.path.basename(p).startswith("libgomp") and os.path.isfile(p))
+    if len(gnu) > 1:
+        # Other wheels bundle their own renamed copy (sentencepiece: libgomp-<hash>.so); torch's own is
+        # the one inside torch's directory.
+        torch_dir = os.path.dirname(os.path.realpath(torch.__file__)) + os.sep
+        gnu = [p for p in gnu if os.path.realpath(p).startswith(torch_dir)]
+    if len(gnu) != 1:
+        return None, (
+            f"torch's GNU OpenMP runtime is not the one libgomp among those mapped "
+            f"({', '.join(sorted(runtimes)) or 'none'})"
+        )
+    return gnu[0], None
 
 
 def threading() -> Optional[str]:
@@ -525,10 +531,11 @@ def _load() -> Optional[ctypes.CDLL]:
     lib = None
     if runtime is not None:
         try:
+            before = _mapped_openmp_runtimes() or set()
             lib = _load_recipe(cc, version, _Recipe(runtime))
             after = _mapped_openmp_runtimes()
-            if after is not None and after != {runtime}:  # the loader should have reused torch's
-                _warn(f"the CPU kernels mapped another OpenMP runtime ({', '.join(sorted(after - {runtime}))})")
+            if after is not None and after != before:  # the loader should have reused torch's
+                _warn(f"the CPU kernels mapped another OpenMP runtime ({', '.join(sorted(after - before))})")
             _state["threading"] = f"openmp ({runtime})"
         except _CompileError as exc:
             why_not = f"the OpenMP build failed: {str(exc)[:300]}"

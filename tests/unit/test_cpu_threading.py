@@ -20,7 +20,10 @@ pytestmark = pytest.mark.skipif(cpu_build.compiler() is None, reason="needs a C 
 
 # Tensors of several chunks (65536 elements each) and ragged tails, so that threads share the work.
 _PROBE = r"""
-import hashlib, json, sys, threading, torch
+import hashlib, importlib, json, os, sys, threading, torch
+for name in filter(None, os.environ.get("PROBE_IMPORT", "").split(",")):
+    importlib.import_module(name)  # e.g. a wheel that brings its own libgomp
+before = sorted(__import__("hf_am.kernels.cpu_build", fromlist=["x"])._mapped_openmp_runtimes() or [])
 from hf_am.kernels import cpu, cpu_build
 
 def run(threads):
@@ -52,7 +55,7 @@ here = run(2)
 worker.join()
 print("PROBE " + json.dumps({
     "threading": cpu_build.threading(),
-    "runtimes": sorted(cpu_build._mapped_openmp_runtimes() or []),
+    "runtimes": sorted(cpu_build._mapped_openmp_runtimes() or []), "before": before,
     "digests": digests, "concurrent": [here, side["x"]],
 }))
 """
@@ -88,6 +91,21 @@ def test_kernels_run_on_torchs_openmp_pool_without_a_second_runtime(tmp_path):
     assert result["threading"] == f"openmp ({runtime})"
     # Linked against the very runtime torch loaded: no second OpenMP runtime (with its own spinning pool).
     assert result["runtimes"] == [runtime]
+
+
+def test_torchs_pool_is_found_when_another_wheel_brings_its_own_libgomp(tmp_path):
+    # sentencepiece (LlamaTokenizer, the recipes' tokenizer) bundles a renamed libgomp; importing it
+    # first must not cost the kernels torch's pool, nor map a third runtime.
+    import torch  # noqa: F401
+
+    runtime, why_not = cpu_build.openmp_runtime()
+    if runtime is None:
+        pytest.skip(f"this torch build has no shareable GNU OpenMP pool here: {why_not}")
+    result = _probe(tmp_path, PROBE_IMPORT="sentencepiece")
+    assert len(result["before"]) == 2 and runtime in result["before"], result["before"]
+    assert result["threading"] == f"openmp ({runtime})"
+    assert result["runtimes"] == result["before"]
+    assert len(set(result["digests"].values())) == 1
 
 
 def test_a_compiler_without_openmp_falls_back_to_pthreads_with_the_same_bits(tmp_path):
