@@ -8,10 +8,10 @@ contiguous float32/float64 CPU tensors, the case where torch's per-op dispatch
 makes the multi-tensor path slow (CPU training, DeepSpeed ZeRO-Offload).
 
 The kernels' threads are torch's own OpenMP pool where they can share it: on
-Linux, with GCC, when torch's parallel backend is OpenMP and the one OpenMP
-runtime mapped in the process is GNU libgomp, the library is built with
-``-fopenmp`` and linked against exactly that runtime (so its parallel regions
-run on torch's team).  Right after the backward pass torch's workers are awake
+Linux, with GCC, when torch's parallel backend is OpenMP and torch's runtime is
+GNU libgomp (the only one mapped, or among renamed copies other wheels bring,
+the one inside torch's directory), the library is built with ``-fopenmp`` and
+linked against exactly that runtime (so its parallel regions run on torch's team).  Right after the backward pass torch's workers are awake
 and spinning; fresh pthreads would compete with them for the cores and cost a
 thread start per pass (benchmarks/RESULTS.md measures both).  Elsewhere, with
 ``HF_AM_CPU_OPENMP=0``, or when that build fails, the kernels start pthreads.
