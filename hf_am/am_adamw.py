@@ -182,7 +182,7 @@ class AMAdamW(AMOptimizer):
         group["weight_decay"] = self._device_constants.get(
             ("weight_decay", decays), lambda: torch.tensor(decays, dtype=torch.float64)
         )
-        plan = GroupPlan(
+        return GroupPlan(
             group=group,
             params=[p for m in members for p in m.params],
             local_params=[p for m in members for p in m.local_params],
@@ -192,7 +192,6 @@ class AMAdamW(AMOptimizer):
             kernels=first.kernels,
             group_index=first.group_index,
         )
-        return plan
 
     def _partial_sums(self, plan: GroupPlan) -> torch.Tensor:
         """Phase 1 reads only (state changes in phase 2), so a step that raises before phase 2 changes nothing."""

@@ -11,9 +11,10 @@ The kernels' threads are torch's own OpenMP pool where they can share it: on
 Linux, with GCC, when torch's parallel backend is OpenMP and torch's runtime is
 GNU libgomp (the only one mapped, or among renamed copies other wheels bring,
 the one inside torch's directory), the library is built with ``-fopenmp`` and
-linked against exactly that runtime (so its parallel regions run on torch's team).  Right after the backward pass torch's workers are awake
-and spinning; fresh pthreads would compete with them for the cores and cost a
-thread start per pass (benchmarks/RESULTS.md measures both).  Elsewhere, with
+linked against exactly that runtime (so its parallel regions run on torch's
+team).  Right after the backward pass torch's workers are awake and spinning;
+fresh pthreads would compete with them for the cores and cost a thread start
+per pass (benchmarks/RESULTS.md measures both).  Elsewhere, with
 ``HF_AM_CPU_OPENMP=0``, or when that build fails, the kernels start pthreads.
 The results are the same either way: each chunk's sums go to their own slot and
 are added in chunk order.  :func:`threading` says which one this process uses.
@@ -536,13 +537,14 @@ def _load() -> Optional[ctypes.CDLL]:
             after = _mapped_openmp_runtimes()
             if after is not None and after != before:  # the loader should have reused torch's
                 _warn(f"the CPU kernels mapped another OpenMP runtime ({', '.join(sorted(after - before))})")
-            _state["threading"] = f"openmp ({runtime})"
         except _CompileError as exc:
             why_not = f"the OpenMP build failed: {str(exc)[:300]}"
     if lib is None:
         lib = _load_recipe(cc, version, _Recipe())
-        _state["threading"] = f"pthreads ({why_not})"
-    return _declare(lib)
+    lib = _declare(lib)
+    # Reported by the loaded binary itself, not inferred from the recipe asked for.
+    _state["threading"] = f"openmp ({runtime})" if lib.am_threading() == 1 else f"pthreads ({why_not})"
+    return lib
 
 
 def _load_recipe(cc: str, version: str, recipe: _Recipe) -> ctypes.CDLL:
