@@ -92,7 +92,7 @@ def install(timers: Timers) -> None:
     timers.wrap(am_adamw.AMAdamW, "_partial_sums", "phase 1 (sums)")
     timers.wrap(cpu, "adamw_sums", "  of which: C sums kernel")
     timers.wrap(optimizer, "scope_sums", "sums per scope (reduction)")
-    timers.wrap(optimizer, "step_coefficients", "coefficient formula")
+    timers.wrap(optimizer.AMOptimizer, "_step_coefficients", "coefficient formula")
     timers.wrap(am_adamw.AMAdamW, "_apply_update", "phase 2 (update)")
     timers.wrap(cpu, "adamw_update", "  of which: C update kernel")
     timers.wrap(optimizer, "record_step", "recording statistics")

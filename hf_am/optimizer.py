@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .coefficient import step_coefficients
+from .coefficient import StepCoefficients, step_coefficients
 from .device_constants import DeviceConstants
 from .hyperparameters import Hyperparameters, Rule, revalidate_changed_options, validate_group, validate_scope
 from .planning import GroupPlan, Layout, choose_path, state_lists, plan_step
@@ -165,7 +165,6 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         self._log_paths(plans)
         # Everything that can refuse the step runs before anything changes (docs/algorithm.md §10);
         # plan_step has checked every tensor against its parameter (hf_am.gate).
-        hyper = self._scope_hyperparameters(layout)
         self._guard.check_new_layout(plans, layout)
         new_state = [p for plan in plans for p in plan.params if not self.state.get(p)]
         self._init_state(plans)
@@ -181,7 +180,7 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
                 self.state.pop(p, None)
             raise
 
-        coefficients = step_coefficients(sums, *hyper, loss_delta)
+        coefficients = self._step_coefficients(plans, sums, layout, loss_delta)
         applied, restart = coefficients.applied, coefficients.restart
         if mismatch is not None and layout.device.type != "cpu":
             # Ranks disagreed (see LayoutGuard.on_mismatch): keep every momentum as it is.
@@ -215,6 +214,31 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
             return False
         grads = [local_view(p.grad) for g in groups for p in g["params"] if p.grad is not None]
         return bool(grads) and not any(bool(g.any()) for g in grads)
+
+    def _step_coefficients(self, plans: List[GroupPlan], sums: torch.Tensor, layout: Layout,
+                           loss_delta: Optional[torch.Tensor]) -> StepCoefficients:
+        """The one place that picks where the closed form runs (docs/algorithm.md §10).
+
+        Where every group steps on the C kernels the sums are float64 on the CPU, and the kernel set's
+        library evaluates the coefficients in one call with the same bits as
+        :func:`hf_am.coefficient.step_coefficients`, the definition every other path runs (its ~25 torch
+        ops on a few dozen numbers cost more host time per step than the C kernels' whole call at small
+        models); tests/unit/test_coefficient_kernel.py holds the two to each other.
+        """
+        kernels = plans[0].kernels if plans else None
+        formula = getattr(kernels, "step_coefficients", None)
+        if formula is None or sums.device.type != "cpu" or any(plan.kernels is not kernels for plan in plans):
+            return step_coefficients(sums, *self._scope_hyperparameters(layout), loss_delta)
+        values = set(layout.hyper_of_scope)
+        rows = tuple(values) if len(values) == 1 else tuple(layout.hyper_of_scope)
+        has_threshold = any(h[3] is not None for h in rows)
+        packed = self._device_constants.get(
+            ("hyper_rows", rows),
+            lambda: torch.tensor(
+                [[math.nan if h[j] is None else float(h[j]) for h in rows] for j in range(4)], dtype=torch.float64
+            ),
+        )
+        return StepCoefficients(*formula(sums, packed, has_threshold, loss_delta))
 
     def _scope_hyperparameters(self, layout: Layout) -> Hyperparameters:
         """Python floats when every scope agrees, else per-scope tensors on the device

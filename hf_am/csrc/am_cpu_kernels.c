@@ -143,6 +143,51 @@ SGD_SUMS(double, sgd_sums_f64)
 SGD_UPDATE(float, sgd_update_f32)
 SGD_UPDATE(double, sgd_update_f64)
 
+/* ------------------------------------------------------------- the coefficient */
+/* hf_am.coefficient.step_coefficients (docs/algorithm.md §2, §7) for sums that are on the CPU already:
+ * one scope per row of `sums` ([A, B, C], n x 3).  It is the same double operations in the same order as
+ * that Python definition, with no multiply-adds contracted (the attribute), so it gives the same bits
+ * (tests/unit/test_coefficient_kernel.py); it exists because the Python definition is ~25 torch ops of
+ * a few microseconds of dispatch each, every step, on vectors of a few dozen numbers.
+ * `hyper` holds four rows (lam, beta_min, beta_max, restart threshold) of `hyper_len` values, 1 (every
+ * scope alike) or n; a NaN threshold is a scope without the Restart variant, `has_threshold` 0 means no
+ * scope has it.  `loss_delta`: NULL (the linear estimate) or one value.  `out` (5 x n): the adaptive,
+ * reported and applied coefficients, the restart flags and the fallback flags. */
+#define AM_CLAMP(x, lo, hi) ((x) < (lo) ? (lo) : ((x) > (hi) ? (hi) : (x))) /* NaN stays NaN, like torch.clamp */
+__attribute__((optimize("fp-contract=off")))
+int am_coefficients(int64_t n, const double *sums, const double *hyper, int64_t hyper_len, int has_threshold,
+                    const double *loss_delta, double *out) {
+    if (n < 0 || (hyper_len != 1 && hyper_len != n)) return 2;
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t h = hyper_len == 1 ? 0 : i;
+        const double lam = hyper[h], beta_min = hyper[hyper_len + h], beta_max = hyper[2 * hyper_len + h];
+        const double threshold = hyper[3 * hyper_len + h];
+        const double a = sums[3 * i], b = sums[3 * i + 1], c = sums[3 * i + 2];
+        double numerator = a - b;
+        if (loss_delta) numerator = numerator + loss_delta[0];
+        numerator = numerator * (1.0 + lam);
+        const int positive_c = !(c <= 0.0); /* NaN counts as positive: a NaN sum gives a NaN beta */
+        double alpha = positive_c ? numerator / c : (numerator > 0.0 ? 1.0 : 0.0);
+        alpha = AM_CLAMP(alpha, 0.0, 1.0);
+        double beta = 1.0 - alpha;
+        beta = AM_CLAMP(beta, beta_min, beta_max);
+        const int finite = isfinite(a) && isfinite(b) && isfinite(c) && (!loss_delta || isfinite(loss_delta[0]));
+        if (!finite) beta = beta_max;
+        double restart = 0.0, base = beta, reported = beta;
+        if (has_threshold) {
+            restart = (beta < threshold && finite) ? 1.0 : 0.0; /* a NaN threshold: never */
+            base = isnan(threshold) ? beta : beta_max;
+            reported = base * (1.0 - restart);
+        }
+        out[i] = beta;
+        out[n + i] = reported;
+        out[2 * n + i] = (base + lam) / (1.0 + lam);
+        out[3 * n + i] = restart;
+        out[4 * n + i] = finite ? 0.0 : 1.0;
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------ threading */
 /* Work is cut into chunks of at most AM_CHUNK elements of one tensor, fixed by the tensor sizes
  * alone, and the threads take chunks in turn from a shared counter.  A thread that loses its

@@ -137,3 +137,42 @@ def sgd_update(params, grads, buffers, weight_decay: float, weight, step) -> Non
         call.doubles(weight), call.doubles(step),
     )  # fmt: skip
     _check(status, "am_sgd_update")
+
+
+def step_coefficients(sums: torch.Tensor, hyper: torch.Tensor, has_threshold: bool, loss_delta: Optional[torch.Tensor]):
+    """The closed form and restart rule per scope in one C call: ``(adaptive, reported, applied, restart,
+    fallback)``, each ``(n_scopes,)`` float64, the bits of :func:`hf_am.coefficient.step_coefficients`.
+
+    ``sums``: the ``(n_scopes, 3)`` float64 CPU sums ``[A, B, C]``; ``hyper``: ``(4, 1)`` or
+    ``(4, n_scopes)`` float64 rows ``lam, beta_min, beta_max, restart threshold`` (NaN: no Restart
+    variant in that scope); ``loss_delta``: ``None`` or a one-element float64 CPU tensor.  Everything is
+    checked here, before the C code reads it.
+    """
+    if not (isinstance(sums, torch.Tensor) and sums.dtype == torch.float64 and sums.device.type == "cpu"
+            and sums.dim() == 2 and sums.shape[1] == 3 and sums.is_contiguous()):  # fmt: skip
+        raise ValueError(f"step_coefficients: sums must be a contiguous (n, 3) float64 CPU tensor, got {_what(sums)}")
+    n = sums.shape[0]
+    if not (isinstance(hyper, torch.Tensor) and hyper.dtype == torch.float64 and hyper.device.type == "cpu"
+            and hyper.dim() == 2 and hyper.shape[0] == 4 and hyper.shape[1] in (1, n) and hyper.is_contiguous()):  # fmt: skip
+        raise ValueError(f"step_coefficients: hyper must be a contiguous (4, 1) or (4, {n}) float64 CPU tensor, got {_what(hyper)}")
+    delta_ptr = None
+    if loss_delta is not None:
+        if not (isinstance(loss_delta, torch.Tensor) and loss_delta.dtype == torch.float64
+                and loss_delta.device.type == "cpu" and loss_delta.numel() == 1):  # fmt: skip
+            raise ValueError(f"step_coefficients: loss_delta must be None or a one-element float64 CPU tensor, got {_what(loss_delta)}")
+        loss_delta = loss_delta.reshape(1).contiguous()
+        delta_ptr = loss_delta.data_ptr()
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are unavailable ({build_error()})")
+    out = torch.empty(5, n, dtype=torch.float64)
+    status = lib.am_coefficients(n, sums.data_ptr(), hyper.data_ptr(), hyper.shape[1], int(bool(has_threshold)), delta_ptr, out.data_ptr())
+    if status != 0:
+        raise RuntimeError(f"hf_am CPU kernel am_coefficients refused its arguments (status {status})")
+    return out.unbind(0)
+
+
+def _what(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"shape {tuple(value.shape)}, {value.dtype}, on {value.device}, {'' if value.is_contiguous() else 'not '}contiguous"
+    return type(value).__name__

@@ -36,6 +36,11 @@ class KernelSet(Protocol):
     Sums are returned as an ``(n_tensors, 3)`` tensor ``[<d,d>, <g,d>, <g-d,g-d>]``
     in the optimizer's metric (docs/algorithm.md §2, §6).  Phase 1 (``*_sums``)
     only reads; phase 2 (``*_update``) writes parameters and state in place.
+
+    Optional (not part of the protocol): ``step_coefficients(sums, hyper, has_threshold,
+    loss_delta)``, the coefficients of all scopes with the bits of
+    :func:`hf_am.coefficient.step_coefficients` (the C set has it; where a set lacks it, the
+    optimizer runs that definition).
     """
 
     NAME: str
