@@ -29,6 +29,7 @@ from .optimizer import AMOptimizer
 from .planning import GroupPlan, Path
 from .sharding import local_view
 from .state import APPLIED, BETA, FALLBACKS, PROD, RESTARTS, accumulation_dtype, new_scalar_state
+from .statistics import ScalarWrite
 
 __all__ = ["AMAdamW"]
 
@@ -212,7 +213,7 @@ class AMAdamW(AMOptimizer):
         plan.scratch = (scratch, steps, prods, (states, exp_avgs, exp_avg_sqs))
         return sums
 
-    def _apply_update(self, plan: GroupPlan, applied: torch.Tensor, restart: torch.Tensor) -> None:
+    def _apply_update(self, plan: GroupPlan, applied: torch.Tensor, restart: torch.Tensor) -> List[ScalarWrite]:
         # The lists and prods as phase 1 read them (phase 1 changes no state).
         scratch, steps, prods, (states, exp_avgs, exp_avg_sqs) = plan.scratch
         group = plan.group
@@ -234,9 +235,8 @@ class AMAdamW(AMOptimizer):
             weight_decay=group["weight_decay"],
             has_restarts=has_restarts,
         )
-        torch._foreach_copy_([s[PROD] for s in states], list(prods_new.unbind(0)))
-        torch._foreach_copy_([s["step"] for s in states], list(steps.unbind(0)))
         plan.scratch = None
+        return [ScalarWrite(states, PROD, prods_new), ScalarWrite(states, "step", steps)]
 
 
 def _merge_key(plan: GroupPlan) -> Optional[tuple]:

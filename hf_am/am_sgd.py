@@ -28,6 +28,7 @@ from .optimizer import AMOptimizer
 from .planning import GroupPlan, Path
 from .sharding import local_view
 from .state import APPLIED, BETA, FALLBACKS, RESTARTS, new_scalar_state
+from .statistics import ScalarWrite
 
 __all__ = ["AMSGD"]
 
@@ -132,7 +133,7 @@ class AMSGD(AMOptimizer):
         plan.scratch = (Path.MULTI_TENSOR, kept)
         return sums
 
-    def _apply_update(self, plan: GroupPlan, applied: torch.Tensor, restart: torch.Tensor) -> None:
+    def _apply_update(self, plan: GroupPlan, applied: torch.Tensor, restart: torch.Tensor) -> List[ScalarWrite]:
         states = [self.state[p] for p in plan.params]
         # A restart forgets the momentum: coefficient 0 gives d <- g.
         keep = applied * (1.0 - restart)
@@ -147,5 +148,5 @@ class AMSGD(AMOptimizer):
         else:
             buffers = [local_view(s["momentum_buffer"]) for s in states]
             multi_tensor.sgd_update(plan.local_params, plan.local_grads, buffers, kept, keep, lr, plan.group["weight_decay"])
-        torch._foreach_add_([s["step"] for s in states], 1.0)
         plan.scratch = None
+        return [ScalarWrite(states, "step", torch.stack([s["step"] for s in states]) + 1.0)]

@@ -27,7 +27,8 @@ def adamw_bias_terms(steps: torch.Tensor, prods: torch.Tensor, eps, beta2, acc):
     bias2_sqrt = (1.0 - beta2 ** steps.to(acc)).sqrt()
     prod_t = prods.to(acc)
     # prod == 1 means there is no previous momentum yet (d = 0).
-    d_scale = torch.where(prod_t < 1, 1.0 / (1.0 - prod_t), torch.zeros_like(prod_t))
+    # (reciprocal(): `1.0 / t` is reciprocal() and a multiply by 1.0; a scalar 0.0 needs no zeros tensor)
+    d_scale = torch.where(prod_t < 1, (1.0 - prod_t).reciprocal(), 0.0)
     return bias2_sqrt, d_scale, eps * bias2_sqrt
 
 

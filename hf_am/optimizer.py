@@ -42,7 +42,7 @@ from .state import (
     mark_state_format,
     restore_scalar_state,
 )
-from .statistics import BetaStatistics, record_step
+from .statistics import BetaStatistics, ScalarWrite, record_step
 
 logger = logging.getLogger("hf_am")
 
@@ -187,13 +187,15 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
             applied = torch.where(mismatch, torch.ones_like(applied), applied)
             restart = torch.where(mismatch, torch.zeros_like(restart), restart)
 
+        writes: List[ScalarWrite] = []
         for run, _ in runs:
             idx = self._device_constants.index(run.scope_ids, layout.device)
-            self._apply_update(run, applied.index_select(0, idx), restart.index_select(0, idx))
+            writes += self._apply_update(run, applied.index_select(0, idx), restart.index_select(0, idx))
         for plan in plans:
             lr = plan.group["lr"]  # a tensor lr is updated in place by schedulers: keep a copy
             plan.group[PREV_LR] = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
-        record_step(self, plans, coefficients, applied, restart, layout.device, torch.zeros(()) if initialising else loss)
+        record_step(self, plans, coefficients, applied, restart, layout.device, torch.zeros(()) if initialising else loss,
+                    writes)
         # After a state-initialising step am_prev_loss is a placeholder (0): it gives the state its
         # keys (DCP loads only the keys the state already has), but no step may difference it.
         self._prev_loss_placeholder = initialising
@@ -284,8 +286,11 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         """Phase 1: ``(n_tensors, 3)`` tensor of ``[<d,d>, <g,d>, <g-d,g-d>]`` per tensor (unweighted by lr)."""
         raise NotImplementedError
 
-    def _apply_update(self, plan: GroupPlan, applied: torch.Tensor, restart: torch.Tensor) -> None:
-        """Phase 2: the update with the applied coefficient (and restart flags) of each tensor's scope."""
+    def _apply_update(self, plan: GroupPlan, applied: torch.Tensor, restart: torch.Tensor) -> List[ScalarWrite]:
+        """Phase 2: the update with the applied coefficient (and restart flags) of each tensor's scope.
+
+        Returns the one-element state it changes (step counts, ...), which :func:`record_step` stores
+        with the statistics in one op."""
         raise NotImplementedError
 
     # ------------------------------------------------------ rank agreement

@@ -42,7 +42,13 @@ def scope_sums(
         eta_prev = plan.group.get(PREV_LR, eta)
         weight_b = eta if exact else eta + eta_prev
         sums = sums.to(acc)
-        weighted = torch.stack((sums[:, 0] * eta, sums[:, 1] * weight_b, sums[:, 2] * eta), dim=1)
+        if type(eta) in (float, int) and type(weight_b) in (float, int):
+            # One multiply by a cached row [eta, w_B, eta] (the same products as column by column)
+            weights = constants.get(("lr weights", float(eta).hex(), float(weight_b).hex(), acc, device),  # hex: -0.0 != 0.0
+                                    lambda: torch.tensor([eta, weight_b, eta], dtype=acc, device=device))
+            weighted = sums * weights
+        else:  # a tensor lr (schedulers change it in place): column by column
+            weighted = torch.stack((sums[:, 0] * eta, sums[:, 1] * weight_b, sums[:, 2] * eta), dim=1)
         if all(key is None for key in plan.keys):  # the usual case: the group's rows as one block
             whole_blocks.append(weighted)
             whole_index.extend(plan.scope_ids)

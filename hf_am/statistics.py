@@ -9,7 +9,7 @@ synchronise with the device; those returning Python numbers do.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Hashable, List
+from typing import Any, Dict, Hashable, List, NamedTuple, Sequence
 
 import torch
 
@@ -17,13 +17,24 @@ from .planning import GroupPlan
 from .state import APPLIED, BETA, FALLBACKS, PREV_LOSS, RESTARTS
 
 
+class ScalarWrite(NamedTuple):
+    """One-element state that phase 2 leaves for :func:`record_step` to store: ``values[i]`` goes to
+    ``states[i][key]`` (AM-AdamW's step counts and products of coefficients, AM-SGD's step counts)."""
+
+    states: List[Dict[str, Any]]
+    key: str
+    values: torch.Tensor  #: 1-D, one value per state
+
+
 def record_step(optimizer, plans: List[GroupPlan], coefficients, applied: torch.Tensor, restart: torch.Tensor, device,
-                loss) -> None:
+                loss, writes: Sequence[ScalarWrite] = ()) -> None:
     """Store each scope's reported and applied coefficients, restart and fallback counts and (exact mode)
-    the loss in every member's state, for all groups of the step at once (a few ops per step rather than
-    per group).  ``applied``, ``restart``: the per-scope coefficient and restart flags the update used
-    (on a rank disagreement they differ from ``coefficients``); the applied coefficient stored is the one
-    the update multiplied the old momentum by, 0 after a restart."""
+    the loss in every member's state, and phase 2's ``writes``, for all groups of the step at once: one
+    copy op over every per-tensor scalar of the step, where on CPU each foreach op over 0-d tensors
+    dispatches once per tensor.  ``applied``, ``restart``: the per-scope coefficient and restart flags the
+    update used (on a rank disagreement they differ from ``coefficients``); the applied coefficient
+    stored is the one the update multiplied the old momentum by, 0 after a restart.  Values are rounded
+    to each destination's dtype once, as a copy or an in-place add into it would round them."""
     states = [optimizer.state[p] for plan in plans for p in plan.params]
     if not states:  # a rank without gradients still ran the step's collective: nothing of its own to record
         return
@@ -39,13 +50,17 @@ def record_step(optimizer, plans: List[GroupPlan], coefficients, applied: torch.
     # of the values: no host sync): the counts stay as they are, and the kept memory is `applied`.
     restarts_possible = any(plan.group["restart_threshold"] is not None for plan in plans)
     memory = applied * (1.0 - restart) if restarts_possible else applied
-    rows = [coefficients.reported, coefficients.fallback, memory] + ([restart] if restarts_possible else [])
-    per_tensor = [list(row.unbind(0)) for row in torch.stack(rows).index_select(1, idx).unbind(0)]
-    torch._foreach_copy_([s[BETA] for s in states], per_tensor[0])
-    torch._foreach_add_([s[FALLBACKS] for s in states], per_tensor[1])
-    torch._foreach_copy_([s[APPLIED] for s in states], per_tensor[2])
-    if restarts_possible:
-        torch._foreach_add_([s[RESTARTS] for s in states], per_tensor[3])
+    counted = (FALLBACKS, RESTARTS) if restarts_possible else (FALLBACKS,)
+    increments = [coefficients.fallback, restart][: len(counted)]
+    per_tensor = torch.stack([coefficients.reported, memory, *increments]).index_select(1, idx)
+    # The counts as one vector each, added and written back with the copies: one copy op over all the
+    # scalars is a fraction of a foreach add per count on CPU, where a foreach add of 0-d tensors
+    # dispatches once per tensor.  Same bits: each count is the float64 sum rounded to its dtype.
+    counts = torch.stack([torch.stack([s[key] for s in states]) for key in counted]) + per_tensor[2:]
+    keys = (BETA, APPLIED, *counted)
+    destinations = [s[key] for key in keys for s in states] + [s[w.key] for w in writes for s in w.states]
+    values = torch.cat((torch.cat((per_tensor[:2], counts)).reshape(-1), *(w.values.to(counts.dtype) for w in writes)))
+    torch._foreach_copy_(destinations, list(values.unbind(0)))
     if optimizer.loss_estimate == "exact":
         value = torch.as_tensor(loss).detach()
         for s in states:
