@@ -13,6 +13,8 @@ on GPUs); measured in ``benchmarks/optimizer_overhead.py``.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from .sharding import local_view
@@ -65,6 +67,17 @@ def _check_one(optimizer, plan, i: int, lp: torch.Tensor, lg: torch.Tensor, stat
         )  # fmt: skip
     if not state:
         return
+    # The one-element state (step counts, coefficients) only ever meets torch ops, never the compiled
+    # kernels, so once checked it needs checking again only when an entry is another object (a loaded
+    # or assigned state) or the parameter moved: ~6 checks per tensor and step, most of the gate's time.
+    # A scalar changed in place through .data/set_ (which neither torch nor hf_am does to optimizer state)
+    # is not checked again: torch's ops handle it as any tensor, and nothing compiled reads it.
+    scalars = tuple(map(state.get, optimizer.required_scalar_state))
+    checked = optimizer._checked_scalars
+    seen = checked.get(id(state))  # holds the tensors: an id in it cannot be reused by another object
+    if seen is not None and seen[0] == device and all(map(operator.is_, seen[1], scalars)):
+        _check_state_tensors(optimizer, plan, i, lp, state, shape, dtype, device)
+        return
     for name in optimizer.required_scalar_state:
         t = state.get(name)
         if not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.is_floating_point() or t.device != device:
@@ -73,6 +86,17 @@ def _check_one(optimizer, plan, i: int, lp: torch.Tensor, lg: torch.Tensor, stat
                 raise _mismatch(optimizer, plan, i, "its state", f"no {missing}", f"the keys {list(optimizer.required_scalar_state)}", _STATE_HINT)
             found = f"device {t.device}" if isinstance(t, torch.Tensor) and t.numel() == 1 and t.is_floating_point() else repr(t)[:80]
             raise _mismatch(optimizer, plan, i, f"state {name!r}", found, f"a one-element floating tensor on {device}", _STATE_HINT)
+    if len(checked) > _CHECKED_LIMIT:
+        checked.clear()
+    checked[id(state)] = (device, scalars)
+    _check_state_tensors(optimizer, plan, i, lp, state, shape, dtype, device)
+
+
+_CHECKED_LIMIT = 1 << 20  # state dicts remembered by _check_one (bounded for parameters that come and go)
+
+
+def _check_state_tensors(optimizer, plan, i: int, lp: torch.Tensor, state, shape, dtype, device) -> None:
+    """The per-element state (what the kernels walk) fits its parameter (``shape, dtype, device``): every step."""
     for name in optimizer.state_tensor_names:
         if name not in state:
             continue

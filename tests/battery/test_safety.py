@@ -363,7 +363,7 @@ def test_an_option_written_after_construction_is_checked_before_the_step(name):
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("damage", ["delete_step", "state_none", "expanded_param"])
+@pytest.mark.parametrize("damage", ["delete_step", "state_none", "scalar_replaced", "step_a_number", "expanded_param"])
 def test_damaged_state_and_overlapping_parameters_are_refused_before_anything_changes(name, damage):
     model = make_model()
     opt = OPTIMIZERS[name](model.parameters(), lr=LR[name])
@@ -375,6 +375,12 @@ def test_damaged_state_and_overlapping_parameters_are_refused_before_anything_ch
     elif damage == "state_none":
         opt.state[p][opt.state_tensor_names[0]] = None
         match = "has NoneType, expected a tensor"
+    elif damage == "scalar_replaced":  # after steps that checked the old one (the gate remembers checked scalars)
+        opt.state[p]["am_beta"] = torch.zeros(3)
+        match = r"state 'am_beta' has tensor\(\[0\., 0\., 0\.\]\), expected a one-element floating tensor"
+    elif damage == "step_a_number":
+        opt.state[p]["step"] = 5
+        match = "state 'step' has 5, expected a one-element floating tensor"
     else:
         opt = OPTIMIZERS[name]([torch.nn.Parameter(torch.zeros(3).expand(2, 3))], lr=LR[name])
         opt.param_groups[0]["params"][0].grad = torch.ones(2, 3)
