@@ -281,6 +281,14 @@ static int run(Work base, RangeFn fn, int threads, double *out) {
 }
 
 /* ---------------------------------------------------------------- entry points */
+/* The file name this build was installed under (hf_am/kernels/cpu_build.py passes it at compile time and
+ * checks it after loading: given a name it loaded before, /proc/self/fd/N of a descriptor since closed,
+ * the dynamic loader returns that earlier library instead of opening the file). */
+#ifndef AM_BUILD_NAME
+#define AM_BUILD_NAME ""
+#endif
+const char *am_build_name(void) { return AM_BUILD_NAME; }
+
 /* How this build runs its threads: 1 on the OpenMP pool of the process (torch's), 0 on pthreads. */
 int am_threading(void) {
 #ifdef AM_OPENMP

@@ -39,7 +39,11 @@ truncated one kills the process with SIGBUS, so the cache follows these rules:
   symlink, wrong owner or mode, missing or garbled sidecar) is never loaded: a
   RuntimeWarning says why and it is rebuilt in place.  On Linux the library is
   loaded through ``/proc/self/fd`` from the very file descriptor whose bytes were
-  hashed; elsewhere by its path inside the 0700 directory.
+  hashed; elsewhere by its path inside the 0700 directory.  The loaded library must
+  name itself as that file (``am_build_name()``, compiled in): the dynamic loader
+  returns a library loaded earlier under the same ``/proc/self/fd/N`` name instead of
+  the file, so a mismatch loads again through another descriptor number, and after a
+  few tries the kernels are refused (the multi-tensor path runs, with a warning).
 * Builds and installs hold an exclusive :func:`fcntl.flock` on
   ``am_cpu_kernels.lock`` in the private directory (waiting at most
   ``LOCK_TIMEOUT_S``, then the multi-tensor path with :func:`build_error` saying
@@ -109,12 +113,13 @@ class _Recipe:
             return " ".join(FLAGS).encode()
         return b"\0".join([" ".join(COMPILE_FLAGS + OPENMP_FLAGS).encode(), self.runtime.encode()])
 
-    def commands(self, cc: str, obj: Path, out: Path) -> list:
+    def commands(self, cc: str, obj: Path, out: Path, name: str) -> list:
+        named = f'-DAM_BUILD_NAME="{name}"'  # am_build_name(): checked after loading (see _dlopen)
         if self.runtime is None:
-            return [[cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"]]
+            return [[cc, *FLAGS, named, str(SOURCE), "-o", str(out), "-lm"]]
         rpath = os.path.dirname(self.runtime)
         return [
-            [cc, *COMPILE_FLAGS, *OPENMP_FLAGS, "-c", str(SOURCE), "-o", str(obj)],
+            [cc, *COMPILE_FLAGS, *OPENMP_FLAGS, named, "-c", str(SOURCE), "-o", str(obj)],
             # Linked against the runtime file itself (not -lgomp, which could name a second copy):
             # its soname is already loaded, so the dynamic loader reuses torch's.
             [cc, "-shared", str(obj), self.runtime, f"-Wl,-rpath,{rpath}", "-o", str(out), "-lm", "-pthread"],
@@ -454,7 +459,7 @@ def _build(cc: str, where: Path, dfd: int, name: str, recipe: _Recipe) -> int:
     tmp = f"{name[: -len('.so')]}.{token}.tmp.so"
     obj = f"{name[: -len('.so')]}.{token}.tmp"
     try:
-        for command in recipe.commands(cc, where / obj, where / tmp):
+        for command in recipe.commands(cc, where / obj, where / tmp, name):
             proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
             if proc.returncode != 0:
                 raise _CompileError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
@@ -487,13 +492,59 @@ def _build(cc: str, where: Path, dfd: int, name: str, recipe: _Recipe) -> int:
                 pass
 
 
+_DLOPEN_TRIES = 8
+
+
+def _build_name(lib: ctypes.CDLL) -> Optional[str]:
+    """The file name a library of this source was built for (``None``: not one of ours)."""
+    try:
+        fn = lib.am_build_name
+    except AttributeError:
+        return None
+    fn.argtypes, fn.restype = [], ctypes.c_char_p
+    return (fn() or b"").decode(errors="replace")
+
+
 def _dlopen(fd: int, path: Path) -> ctypes.CDLL:
     """Load the library open as ``fd`` (whose bytes were verified): through ``/proc/self/fd`` on
-    Linux, so that exactly that file is mapped, else by its path inside the private directory."""
+    Linux, so that exactly that file is mapped, else by its path inside the private directory.
+
+    The dynamic loader knows libraries by the name they were loaded under: given
+    ``/proc/self/fd/N`` again after another library was loaded through a descriptor N since closed
+    (another hf_am in the process, or anything else loading that way), it returns that other
+    library.  So the loaded library must name itself (``am_build_name()``, compiled in) as the file
+    verified; otherwise it is loaded again through a descriptor number not used before, and after
+    a few tries the kernels are refused rather than run from another file.
+    """
     proc = f"/proc/self/fd/{fd}"
-    if platform.system() == "Linux" and os.path.exists(proc):
-        return ctypes.CDLL(proc)
-    return ctypes.CDLL(str(path))
+    if platform.system() != "Linux" or not os.path.exists(proc):
+        return _named(ctypes.CDLL(str(path)), path)
+    import fcntl
+
+    duplicates = []
+    try:
+        for attempt in range(_DLOPEN_TRIES):
+            lib = ctypes.CDLL(proc)
+            if _build_name(lib) == path.name:
+                return lib
+            # the lowest free descriptor number at or above a point that rises with every try (below
+            # the usual limit of 1024 open files)
+            duplicates.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100 * (attempt + 1) + os.getpid() % 50))
+            proc = f"/proc/self/fd/{duplicates[-1]}"
+        return _named(lib, path)
+    finally:
+        for extra in duplicates:
+            os.close(extra)
+
+
+def _named(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
+    found = _build_name(lib)
+    if found != path.name:
+        raise RuntimeError(
+            f"loading {path} gave another library ({found or 'one that is not an hf_am kernel build'}): "
+            "the dynamic loader returned a library loaded earlier under the same name"
+        )
+    return lib
 
 
 def _obtain(cc: str, where: Path, dfd: int, name: str, shared: bool, recipe: _Recipe) -> ctypes.CDLL:

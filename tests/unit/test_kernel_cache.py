@@ -39,6 +39,13 @@ from hf_am import AMAdamW
 from hf_am.kernels import cpu_build
 if os.environ.get("PROBE_LOCK_TIMEOUT"):
     cpu_build.LOCK_TIMEOUT_S = float(os.environ["PROBE_LOCK_TIMEOUT"])
+if os.environ.get("PROBE_DECOYS"):  # load other libraries through /proc/self/fd/N, then close those N
+    import ctypes
+    folder = os.environ["PROBE_DECOYS"]
+    fds = [os.open(os.path.join(folder, f), os.O_RDONLY) for f in sorted(os.listdir(folder))]
+    decoys = [ctypes.CDLL(f"/proc/self/fd/{fd}") for fd in fds]
+    for fd in fds:
+        os.close(fd)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     torch.manual_seed(0)
@@ -49,6 +56,7 @@ print("PROBE " + json.dumps({
     "lib": cpu_build.library() is not None,
     "err": cpu_build.build_error(),
     "path": cpu_build._state.get("path"),
+    "name": cpu_build._build_name(cpu_build.library()) if cpu_build.library() is not None else None,
     "warn": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
     "p": p.detach().tolist(),
 }))
@@ -368,3 +376,22 @@ def test_a_build_lock_held_too_long_falls_back_without_hanging(clean, cache):
     assert any("multi-tensor path" in w for w in out["warn"])
     assert out["p"] == pytest.approx(clean["out"]["p"], abs=1e-6)  # the multi-tensor path, same step
     assert not lib.exists() and temps(lib.parent) == []
+
+
+def test_a_library_loaded_earlier_under_the_descriptor_name_is_not_taken_for_ours(clean, cache, tmp_path):
+    """The dynamic loader knows libraries by the name they were loaded under: ``/proc/self/fd/N`` of a
+    descriptor since closed names whatever was loaded through it before, and dlopen returns that
+    library.  Sixteen other libraries loaded that way take the descriptor numbers the load will use;
+    the library in use must still be the verified file (it names itself, ``am_build_name()``)."""
+    cache_root, lib, marker = cache
+    decoys = tmp_path / "decoys"
+    decoys.mkdir()
+    source = tmp_path / "decoy.c"
+    source.write_text("int am_threading(void) { return 7; }\n")
+    subprocess.run([cpu_build.compiler(), "-shared", "-fPIC", str(source), "-o", str(tmp_path / "decoy.so")], check=True)
+    for i in range(16):  # separate files: the loader also recognises a file it has loaded by its inode
+        shutil.copy(tmp_path / "decoy.so", decoys / f"decoy{i:02d}.so")
+    out = probe(cache_root, marker, PROBE_DECOYS=str(decoys))
+    assert out["lib"] and out["err"] is None and out["warn"] == [], out
+    assert out["name"] == lib.name and out["path"] == str(lib)
+    assert out["p"] == clean["out"]["p"]  # the kernels' step, the clean build's bits
