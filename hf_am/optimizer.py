@@ -235,12 +235,7 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         values = set(layout.hyper_of_scope)
         rows = tuple(values) if len(values) == 1 else tuple(layout.hyper_of_scope)
         has_threshold = any(h[3] is not None for h in rows)
-        packed = self._device_constants.get(
-            ("hyper_rows", rows),
-            lambda: torch.tensor(
-                [[math.nan if h[j] is None else float(h[j]) for h in rows] for j in range(4)], dtype=torch.float64
-            ),
-        )
+        packed = self._device_constants.get(("hyper_rows", rows), lambda: torch.tensor(_hyper_columns(rows), dtype=torch.float64))
         return StepCoefficients(*formula(sums, packed, has_threshold, loss_delta))
 
     def _scope_hyperparameters(self, layout: Layout) -> Hyperparameters:
@@ -251,8 +246,7 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
             lam, bmin, bmax, thr = next(iter(values))
             return Hyperparameters(float(lam), float(bmin), float(bmax), None if thr is None else float(thr))
         columns = []
-        for j in range(4):
-            column = tuple(math.nan if h[j] is None else float(h[j]) for h in layout.hyper_of_scope)
+        for j, column in enumerate(_hyper_columns(layout.hyper_of_scope)):
             if j == 3 and all(math.isnan(v) for v in column):
                 columns.append(None)
                 continue
@@ -381,6 +375,12 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
             self._logged_paths = chosen
             for index, path, why in chosen:
                 logger.info("%s: param group %d takes the %s path (%s)", type(self).__name__, index, path.value, why)
+
+
+def _hyper_columns(hypers: Sequence[Hyperparameters]) -> List[Tuple[float, ...]]:
+    """``lam``, ``beta_min``, ``beta_max`` and the restart threshold of each scope as four columns of
+    floats (NaN: a scope without the Restart variant), for both places that put them in tensors."""
+    return [tuple(math.nan if h[j] is None else float(h[j]) for h in hypers) for j in range(4)]
 
 
 def _rows_per_plan(plans: List[GroupPlan], runs, sums_per_run: List[torch.Tensor]) -> List[torch.Tensor]:
