@@ -13,6 +13,7 @@ from typing import Any, Dict, Hashable, List, NamedTuple, Sequence
 
 import torch
 
+from .hyperparameters import has_restart_variant
 from .planning import GroupPlan
 from .state import APPLIED, BETA, FALLBACKS, PREV_LOSS, RESTARTS
 
@@ -48,7 +49,7 @@ def record_step(optimizer, plans: List[GroupPlan], coefficients, applied: torch.
     idx = optimizer._device_constants.index([s for plan in plans for s in plan.scope_ids], device)
     # Without the Restart variant in any group the restart flags are zeros (a fact of the options, not
     # of the values: no host sync): the counts stay as they are, and the kept memory is `applied`.
-    restarts_possible = any(plan.group["restart_threshold"] is not None for plan in plans)
+    restarts_possible = any(has_restart_variant(plan.group) for plan in plans)
     memory = applied * (1.0 - restart) if restarts_possible else applied
     counted = (FALLBACKS, RESTARTS) if restarts_possible else (FALLBACKS,)
     increments = [coefficients.fallback, restart][: len(counted)]
@@ -60,7 +61,11 @@ def record_step(optimizer, plans: List[GroupPlan], coefficients, applied: torch.
     keys = (BETA, APPLIED, *counted)
     destinations = [s[key] for key in keys for s in states] + [s[w.key] for w in writes for s in w.states]
     values = torch.cat((torch.cat((per_tensor[:2], counts)).reshape(-1), *(w.values.to(counts.dtype) for w in writes)))
-    torch._foreach_copy_(destinations, list(values.unbind(0)))
+    # The sources are views of a reused scratch: unbinding `values` anew would build one view per
+    # destination every step (~90 us at 234 scalars on CPU, more than the copies themselves).
+    staging, sources = optimizer._device_constants.staging(values.numel(), values.dtype, values.device)
+    staging.copy_(values)
+    torch._foreach_copy_(destinations, sources)
     if optimizer.loss_estimate == "exact":
         value = torch.as_tensor(loss).detach()
         for s in states:
