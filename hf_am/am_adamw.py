@@ -22,6 +22,7 @@ from .hyperparameters import (
     Rule,
     beta_max_rule,
     beta_min_rule,
+    has_restart_variant,
     refuse_unsupported,
     is_real,
 )
@@ -217,7 +218,7 @@ class AMAdamW(AMOptimizer):
         # The lists and prods as phase 1 read them (phase 1 changes no state).
         scratch, steps, prods, (states, exp_avgs, exp_avg_sqs) = plan.scratch
         group = plan.group
-        has_restarts = group["restart_threshold"] is not None
+        has_restarts = has_restart_variant(group)
         if has_restarts:  # a restart starts the product of coefficients afresh
             prods = torch.where(restart > 0, torch.ones_like(prods), prods)
         prods_new = prods * applied.to(prods.dtype)
@@ -251,7 +252,7 @@ def _merge_key(plan: GroupPlan) -> Optional[tuple]:
     # (one dtype, one device per plan), so plans of other dtypes or devices must not share a call.
     first = plan.local_params[0]
     return (id(plan.kernels), first.dtype, first.device, float(lr), group["betas"][1], group["eps"],
-            group["restart_threshold"] is None)
+            has_restart_variant(group))
 
 
 # ---------------------------------------------------------------------------

@@ -31,6 +31,15 @@ class Hyperparameters(NamedTuple):
     restart_threshold: Optional[float]  #: ``None``, or the Restart variant's threshold
 
 
+def has_restart_variant(group_or_scope) -> bool:
+    """Whether a param group (its dict) or a scope (its :class:`Hyperparameters`) uses the Restart
+    variant: the one test for it, since the update, the C kernels' call merging, the statistics and the
+    coefficient formula each branch on it (a fact of the options, so branching costs no host sync)."""
+    if isinstance(group_or_scope, Hyperparameters):
+        return group_or_scope.restart_threshold is not None
+    return group_or_scope["restart_threshold"] is not None
+
+
 def is_real(value) -> bool:
     """A finite real number: a Python or numpy int/float (not a bool), or a one-element real tensor.
 

@@ -26,7 +26,14 @@ import torch
 
 from .coefficient import StepCoefficients, step_coefficients
 from .device_constants import DeviceConstants
-from .hyperparameters import Hyperparameters, Rule, revalidate_changed_options, validate_group, validate_scope
+from .hyperparameters import (
+    Hyperparameters,
+    Rule,
+    has_restart_variant,
+    revalidate_changed_options,
+    validate_group,
+    validate_scope,
+)
 from .planning import GroupPlan, Layout, choose_path, state_lists, plan_step
 from .reduction import LayoutGuard, scope_sums
 from .sharding import local_view, optional_numel
@@ -234,7 +241,7 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
             return step_coefficients(sums, *self._scope_hyperparameters(layout), loss_delta)
         values = set(layout.hyper_of_scope)
         rows = tuple(values) if len(values) == 1 else tuple(layout.hyper_of_scope)
-        has_threshold = any(h[3] is not None for h in rows)
+        has_threshold = any(map(has_restart_variant, rows))
         packed = self._device_constants.get(("hyper_rows", rows), lambda: torch.tensor(_hyper_columns(rows), dtype=torch.float64))
         return StepCoefficients(*formula(sums, packed, has_threshold, loss_delta))
 

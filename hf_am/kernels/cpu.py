@@ -148,18 +148,14 @@ def step_coefficients(sums: torch.Tensor, hyper: torch.Tensor, has_threshold: bo
     variant in that scope); ``loss_delta``: ``None`` or a one-element float64 CPU tensor.  Everything is
     checked here, before the C code reads it.
     """
-    if not (isinstance(sums, torch.Tensor) and sums.dtype == torch.float64 and sums.device.type == "cpu"
-            and sums.dim() == 2 and sums.shape[1] == 3 and sums.is_contiguous()):  # fmt: skip
-        raise ValueError(f"step_coefficients: sums must be a contiguous (n, 3) float64 CPU tensor, got {_what(sums)}")
-    n = sums.shape[0]
-    if not (isinstance(hyper, torch.Tensor) and hyper.dtype == torch.float64 and hyper.device.type == "cpu"
-            and hyper.dim() == 2 and hyper.shape[0] == 4 and hyper.shape[1] in (1, n) and hyper.is_contiguous()):  # fmt: skip
-        raise ValueError(f"step_coefficients: hyper must be a contiguous (4, 1) or (4, {n}) float64 CPU tensor, got {_what(hyper)}")
+    n = sums.shape[0] if _is_double(sums) and sums.dim() == 2 else -1
+    _require_double("sums", sums, n >= 0 and sums.shape[1] == 3, "a contiguous (n, 3) float64 CPU tensor")
+    hyper_fits = _is_double(hyper) and hyper.dim() == 2 and hyper.shape[0] == 4 and hyper.shape[1] in (1, n)
+    _require_double("hyper", hyper, hyper_fits, f"a contiguous (4, 1) or (4, {n}) float64 CPU tensor")
     delta_ptr = None
     if loss_delta is not None:
-        if not (isinstance(loss_delta, torch.Tensor) and loss_delta.dtype == torch.float64
-                and loss_delta.device.type == "cpu" and loss_delta.numel() == 1):  # fmt: skip
-            raise ValueError(f"step_coefficients: loss_delta must be None or a one-element float64 CPU tensor, got {_what(loss_delta)}")
+        delta_fits = _is_double(loss_delta, contiguous=False) and loss_delta.numel() == 1
+        _require_double("loss_delta", loss_delta, delta_fits, "None or a one-element float64 CPU tensor")
         loss_delta = loss_delta.reshape(1).contiguous()
         delta_ptr = loss_delta.data_ptr()
     lib = library()
@@ -170,6 +166,17 @@ def step_coefficients(sums: torch.Tensor, hyper: torch.Tensor, has_threshold: bo
     if status != 0:
         raise RuntimeError(f"hf_am CPU kernel am_coefficients refused its arguments (status {status})")
     return out.unbind(0)
+
+
+def _is_double(value, contiguous: bool = True) -> bool:
+    """A float64 CPU tensor (contiguous unless told otherwise): what the C code may read as doubles."""
+    return (isinstance(value, torch.Tensor) and value.dtype == torch.float64 and value.device.type == "cpu"
+            and (not contiguous or value.is_contiguous()))  # fmt: skip
+
+
+def _require_double(name: str, value, fits: bool, expected: str) -> None:
+    if not fits:
+        raise ValueError(f"step_coefficients: {name} must be {expected}, got {_what(value)}")
 
 
 def _what(value) -> str:

@@ -141,9 +141,10 @@ def _mapped_openmp_runtimes() -> Optional[set]:
     return found
 
 
-def openmp_runtime(cc: Optional[str] = None, version: str = "") -> Tuple[Optional[str], Optional[str]]:
+def openmp_runtime(cc: Optional[str] = None, version: str = "", mapped: Optional[set] = None) -> Tuple[Optional[str], Optional[str]]:
     """``(path, None)`` of the GNU OpenMP runtime torch runs its thread pool on, when the kernels can
-    be built to share it, else ``(None, why not)``."""
+    be built to share it, else ``(None, why not)``.  ``mapped``: what :func:`_mapped_openmp_runtimes`
+    returned, when the caller has read it already (``None``: read it here)."""
     if os.environ.get("HF_AM_CPU_OPENMP", "1") == "0":
         return None, "HF_AM_CPU_OPENMP=0"
     if platform.system() != "Linux":
@@ -154,7 +155,7 @@ def openmp_runtime(cc: Optional[str] = None, version: str = "") -> Tuple[Optiona
 
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None, "torch's parallel backend is not OpenMP"
-    runtimes = _mapped_openmp_runtimes()
+    runtimes = _mapped_openmp_runtimes() if mapped is None else mapped
     if runtimes is None:
         return None, "/proc/self/maps cannot be read"
     gnu = sorted(p for p in runtimes if os.path.basename(p).startswith("libgomp") and os.path.isfile(p))
@@ -579,11 +580,11 @@ def _load() -> Optional[ctypes.CDLL]:
     if cc is None:
         raise RuntimeError("no C compiler found (set HF_AM_CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    runtime, why_not = openmp_runtime(cc, version)
+    before = _mapped_openmp_runtimes()  # read once for the choice and once after loading, to compare
+    runtime, why_not = openmp_runtime(cc, version, before)
     lib = None
     if runtime is not None:
         try:
-            before = _mapped_openmp_runtimes() or set()
             lib = _load_recipe(cc, version, _Recipe(runtime))
             after = _mapped_openmp_runtimes()
             if after is not None and after != before:  # the loader should have reused torch's
