@@ -193,7 +193,15 @@ int am_coefficients(int64_t n, const double *sums, const double *hyper, int64_t 
  * alone, and the threads take chunks in turn from a shared counter.  A thread that loses its
  * core to another process (shared machines) thus delays the step by one chunk, not by half the
  * work.  Sum kernels write each chunk's sums to its own slot; the slots are added per tensor in
- * chunk order, so the sums do not depend on which thread ran a chunk, nor on the thread count. */
+ * chunk order, so the sums do not depend on which thread ran a chunk, nor on the thread count.
+ *
+ * Order: the sums pass takes the chunks last to first and the update pass first to last.  What a
+ * pass read last is what the caches still hold when the next pass starts, so the update pass begins
+ * on the gradients and moments the sums pass just read, and the sums pass begins on the gradients
+ * the backward pass and gradient clipping touched last (they walk the parameters in order, so the
+ * last parameters' are the freshest).  At models whose state is a few caches' worth this saves
+ * 5-25% of the two passes (benchmarks/RESULTS.md); being slot-per-chunk, the sums' bits do not
+ * depend on it. */
 #define AM_CHUNK (32 * AM_BLOCK)          /* 65536 elements: a multiple of AM_BLOCK */
 #define AM_MIN_PER_THREAD (4 * AM_CHUNK)  /* a thread costs tens of microseconds to start */
 
@@ -203,16 +211,22 @@ typedef struct {
     const int64_t *first; /* first[i]: index of tensor i's first chunk; first[n] = chunk count */
     double *chunk_out;    /* 3 sums per chunk (sum kernels), else NULL */
     int64_t next;         /* next chunk to take (atomic) */
+    int last_first;       /* take chunks last to first (the sums pass, see "Order" above) */
 } Shared;
 
 static void *run_chunks(void *arg) {
     Shared *sh = (Shared *)arg;
     const Work *w = &sh->work;
-    int64_t i = 0, total = sh->first[w->n];
+    int64_t total = sh->first[w->n], i = sh->last_first && w->n > 0 ? w->n - 1 : 0;
     for (;;) {
         int64_t c = __atomic_fetch_add(&sh->next, 1, __ATOMIC_RELAXED);
         if (c >= total) break;
-        while (sh->first[i + 1] <= c) ++i; /* a thread takes its chunks in increasing order */
+        if (sh->last_first) {
+            c = total - 1 - c;
+            while (sh->first[i] > c) --i; /* a thread takes its chunks in decreasing order */
+        } else {
+            while (sh->first[i + 1] <= c) ++i; /* a thread takes its chunks in increasing order */
+        }
         int64_t lo = (c - sh->first[i]) * AM_CHUNK;
         int64_t hi = lo + AM_CHUNK < w->numel[i] ? lo + AM_CHUNK : w->numel[i];
         sh->fn(w, i, lo, hi, sh->chunk_out ? sh->chunk_out + 3 * c : NULL);
@@ -242,6 +256,7 @@ static int run(Work base, RangeFn fn, int threads, double *out) {
     sh.first = first;
     sh.chunk_out = NULL;
     sh.next = 0;
+    sh.last_first = out != NULL;
     int status = 0;
     if (out && chunks > 0) {
         sh.chunk_out = (double *)calloc((size_t)chunks * 3, sizeof(double));
