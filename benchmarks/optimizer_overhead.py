@@ -119,7 +119,7 @@ class ReadProbe:
     (``torch.sum``), i.e. the memory traffic of AM's first phase.  ``AdamW fused`` plus this is
     the floor of a two-pass step on a machine where memory is the bottleneck (the "vs two-pass floor"
     column); measured rather than derived from byte counts, because a read-only pass is not 3/7 of
-    fused AdamW's time on every machine (0.6x on the 2-core EPYC of benchmarks/RESULTS.md)."""
+    fused AdamW's time on every machine (0.54-0.78x on the 2-core EPYC of benchmarks/RESULTS.md)."""
 
     def __init__(self, params):
         self.params = [p for p in params if p.grad is not None]
