@@ -79,7 +79,7 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         self._device_constants = DeviceConstants()
         self._scope_reps: Dict[Any, Dict[str, Any]] = {}
         self._prev_loss_placeholder = False  # see step(): am_prev_loss of a state-initialising step
-        self._checked_scalars: Dict[int, tuple] = {}  # hf_am.gate: one-element state already checked
+        self._gate_accepted: Dict[int, tuple] = {}  # hf_am.gate: the one-element state it accepted, per group
 
     # ------------------------------------------------------------------ groups
     @classmethod
@@ -327,7 +327,7 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         restore_scalar_state(self, state_dict)
         self._guard.forget()
-        self._checked_scalars.clear()
+        self._gate_accepted.clear()
         self._prev_loss_placeholder = False
         self._load_count += 1
         self._scope_reps.clear()

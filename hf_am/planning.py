@@ -8,6 +8,7 @@ only, so every rank runs the same collectives, docs/algorithm.md §8).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
@@ -81,24 +82,10 @@ def plan_step(optimizer) -> Tuple[List[GroupPlan], Layout]:
             hyper_of_scope.extend([hyper] * len(group["params"]))
         elif scope == "group" or group_index == 0:
             hyper_of_scope.append(hyper)
-        params, local_params, local_grads, positions, keys, indices = [], [], [], [], [], []
-        for pos, p in enumerate(group["params"]):
-            key, pgroups = reduction_groups(p, optimizer.process_group)
-            if key is not None:
-                all_keys.setdefault(key, pgroups)
-            local_p = local_view(p)
-            device = device or local_p.device
-            grad_view = _local_gradient(optimizer, p, local_p, sharded_opt)
-            if grad_view is None:
-                continue
-            if group.get("maximize", False):
-                grad_view = torch.neg(grad_view)  # a new tensor: the .grad stays as it is
-            params.append(p)
-            local_params.append(local_p)
-            local_grads.append(grad_view)
-            positions.append(offset + pos)
-            indices.append(pos)
-            keys.append(key)
+        params, local_params, local_grads, positions, keys, indices, first = _group_tensors(
+            optimizer, group, offset, sharded_opt, all_keys
+        )
+        device = device or first
         if params:
             plan = GroupPlan(group=group, params=params, local_params=local_params, local_grads=local_grads)
             plan.group_index, plan.indices = group_index, indices
@@ -119,6 +106,39 @@ def plan_step(optimizer) -> Tuple[List[GroupPlan], Layout]:
     return plans, Layout(len(hyper_of_scope), hyper_of_scope, all_keys, signature, acc, device)
 
 
+def _group_tensors(optimizer, group, offset: int, sharded_opt: bool, all_keys: Dict[Hashable, Sequence]):
+    """``(params, local params, local gradients, positions, reduction keys, indices, device of the first
+    parameter)`` of the group's parameters that step; adds every parameter's reduction key to ``all_keys``
+    (with or without a gradient: the collectives follow the param groups alone)."""
+    params = list(group["params"])
+    plain_grads = _plain_gradients(group)
+    if plain_grads is not None:  # the common case, in bulk: the loop below gives the same lists
+        n = len(params)
+        key, pgroups = reduction_groups(params[0], optimizer.process_group)  # one key for all plain tensors
+        if key is not None:
+            all_keys.setdefault(key, pgroups)
+        return params, list(params), plain_grads, list(range(offset, offset + n)), [key] * n, list(range(n)), params[0].device
+    stepping, local_params, local_grads, positions, keys, indices, first = [], [], [], [], [], [], None
+    for pos, p in enumerate(params):
+        key, pgroups = reduction_groups(p, optimizer.process_group)
+        if key is not None:
+            all_keys.setdefault(key, pgroups)
+        local_p = local_view(p)
+        first = first or local_p.device
+        grad_view = _local_gradient(optimizer, p, local_p, sharded_opt)
+        if grad_view is None:
+            continue
+        if group.get("maximize", False):
+            grad_view = torch.neg(grad_view)  # a new tensor: the .grad stays as it is
+        stepping.append(p)
+        local_params.append(local_p)
+        local_grads.append(grad_view)
+        positions.append(offset + pos)
+        indices.append(pos)
+        keys.append(key)
+    return stepping, local_params, local_grads, positions, keys, indices, first
+
+
 def state_lists(optimizer, params) -> List[List[torch.Tensor]]:
     """The local views of the state tensors a kernel will touch, one list per state name
     (only names every parameter already has; state created this step is built like its parameter)."""
@@ -128,6 +148,27 @@ def state_lists(optimizer, params) -> List[List[torch.Tensor]]:
         for name in optimizer.state_tensor_names
         if all(name in s for s in states)
     ]
+
+
+_PLAIN_PARAMETERS = frozenset((torch.Tensor, torch.nn.Parameter))  # not DTensors (nor other subclasses)
+_GRAD = operator.attrgetter("grad")
+_DTYPE = operator.attrgetter("dtype")
+_IS_SPARSE = operator.attrgetter("is_sparse")
+
+
+def _plain_gradients(group) -> Optional[List[torch.Tensor]]:
+    """The gradients of a group whose parameters are all plain tensors with plain, dense, real
+    gradients and ``maximize`` off (what most steps see), read in bulk; else ``None``, and
+    :func:`plan_step` takes its per-parameter loop (DTensors, missing gradients, errors)."""
+    params = group["params"]
+    if not params or group.get("maximize", False) or not set(map(type, params)) <= _PLAIN_PARAMETERS:
+        return None
+    grads = list(map(_GRAD, params))
+    if set(map(type, grads)) != {torch.Tensor} or any(map(_IS_SPARSE, grads)):
+        return None
+    if any(dtype.is_complex for dtype in {*map(_DTYPE, grads), *map(_DTYPE, params)}):
+        return None
+    return grads
 
 
 def _local_gradient(optimizer, p, local_p, sharded_opt) -> Optional[torch.Tensor]:

@@ -57,7 +57,7 @@ def record_step(optimizer, plans: List[GroupPlan], coefficients, applied: torch.
     # The counts as one vector each, added and written back with the copies: one copy op over all the
     # scalars is a fraction of a foreach add per count on CPU, where a foreach add of 0-d tensors
     # dispatches once per tensor.  Same bits: each count is the float64 sum rounded to its dtype.
-    counts = torch.stack([torch.stack([s[key] for s in states]) for key in counted]) + per_tensor[2:]
+    counts = torch.stack([s[key] for key in counted for s in states]).view(len(counted), -1) + per_tensor[2:]
     keys = (BETA, APPLIED, *counted)
     destinations = [s[key] for key in keys for s in states] + [s[w.key] for w in writes for s in w.states]
     values = torch.cat((torch.cat((per_tensor[:2], counts)).reshape(-1), *(w.values.to(counts.dtype) for w in writes)))

@@ -60,11 +60,11 @@ class _Call:
     def __init__(self, first: Sequence[torch.Tensor]):
         self.n = len(first)
         self.bits = 64 if first[0].dtype == torch.float64 else 32
-        self.numel = _array(ctypes.c_int64, tuple(t.numel() for t in first))
+        self.numel = _array(ctypes.c_int64, tuple(map(torch.Tensor.numel, first)))  # map: no Python frame per tensor
         self.keep: List[object] = [self.numel]
 
     def pointers(self, tensors: Sequence[torch.Tensor]):
-        arr = _array(ctypes.c_void_p, tuple(t.data_ptr() for t in tensors))
+        arr = _array(ctypes.c_void_p, tuple(map(torch.Tensor.data_ptr, tensors)))
         self.keep.append(arr)
         return arr
 

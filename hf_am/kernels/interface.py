@@ -19,6 +19,8 @@ Kernels never import the optimizer layer: they see tensor lists and scalars only
 
 from __future__ import annotations
 
+from itertools import chain
+from operator import attrgetter
 from typing import Optional, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -79,6 +81,24 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
 
 
+_SHAPE, _DTYPE, _DEVICE = attrgetter("shape"), attrgetter("dtype"), attrgetter("device")
+
+
+def _all_contiguous_alike(lists: TensorLists, tensors: Sequence[torch.Tensor], dtypes: tuple, device_type: str) -> bool:
+    """One dtype out of ``dtypes`` and one ``device_type`` device for all, every tensor contiguous, equal
+    lengths and equal shapes per index, read in C-level ``map`` loops: :func:`_first_problem` would find
+    nothing (it runs when this is False)."""
+    first = tensors[0]
+    if first.dtype not in dtypes or first.device.type != device_type:
+        return False
+    if len(set(map(_DTYPE, tensors))) != 1 or len(set(map(_DEVICE, tensors))) != 1:
+        return False
+    if not all(map(torch.Tensor.is_contiguous, tensors)):
+        return False
+    shapes = list(map(_SHAPE, lists[0]))
+    return all(list(map(_SHAPE, lst)) == shapes for lst in lists[1:])
+
+
 def tensor_problem(lists: TensorLists, dtypes: tuple, device_type: str) -> Optional[str]:
     """What keeps a kernel set off these parallel tensor lists, or ``None``.
 
@@ -86,11 +106,20 @@ def tensor_problem(lists: TensorLists, dtypes: tuple, device_type: str) -> Optio
     of a parameter (parameter, gradient, each state tensor) must have one dtype out
     of ``dtypes``, live on one device of ``device_type``, and share one dense memory
     layout (contiguous, or e.g. ``channels_last`` in all of them).  Each set's
-    :meth:`KernelSet.decline` starts with this check.
+    :meth:`KernelSet.decline` starts with this check.  The common case is accepted in bulk; anything
+    else goes to :func:`_first_problem`, the definition, which names the tensor
+    (tests/unit/test_gate_bulk.py holds the two to each other).
     """
-    tensors = [t for lst in lists for t in lst]
+    tensors = list(chain.from_iterable(lists))
     if not tensors:
         return "no tensors"
+    if _all_contiguous_alike(lists, tensors, dtypes, device_type):
+        return None  # the common case in bulk
+    return _first_problem(lists, tensors, dtypes, device_type)
+
+
+def _first_problem(lists: TensorLists, tensors: Sequence[torch.Tensor], dtypes: tuple, device_type: str) -> Optional[str]:
+    """:func:`tensor_problem`'s definition, tensor by tensor: the first thing that keeps the kernels off."""
     dtype, device = tensors[0].dtype, tensors[0].device
     if dtype not in dtypes:
         return f"dtype {dtype} (the kernels take {', '.join(str(d).replace('torch.', '') for d in dtypes)})"
