@@ -9,6 +9,7 @@ synchronise with the device; those returning Python numbers do.
 from __future__ import annotations
 
 import math
+from itertools import chain, repeat
 from typing import Any, Dict, Hashable, List, NamedTuple, Sequence
 
 import torch
@@ -36,16 +37,16 @@ def record_step(optimizer, plans: List[GroupPlan], coefficients, applied: torch.
     update used (on a rank disagreement they differ from ``coefficients``); the applied coefficient
     stored is the one the update multiplied the old momentum by, 0 after a restart.  Values are rounded
     to each destination's dtype once, as a copy or an in-place add into it would round them."""
-    states = [optimizer.state[p] for plan in plans for p in plan.params]
+    by_plan = [list(map(optimizer.state.__getitem__, plan.params)) for plan in plans]
+    states = list(chain.from_iterable(by_plan))
     if not states:  # a rank without gradients still ran the step's collective: nothing of its own to record
         return
     reps: Dict[Hashable, Dict[str, Any]] = optimizer._scope_reps
-    for plan in plans:
-        if optimizer.scope == "tensor":
-            for p, pos in zip(plan.params, plan.positions):
-                reps[(id(plan.group), pos)] = optimizer.state[p]
+    for plan, plan_states in zip(plans, by_plan):
+        if optimizer.scope == "tensor":  # one scope per tensor: (group, position) -> its state, in bulk
+            reps.update(zip(zip(repeat(id(plan.group)), plan.positions), plan_states))
         else:
-            reps["model" if optimizer.scope == "model" else id(plan.group)] = optimizer.state[plan.params[0]]
+            reps["model" if optimizer.scope == "model" else id(plan.group)] = plan_states[0]
     idx = optimizer._device_constants.index([s for plan in plans for s in plan.scope_ids], device)
     # Without the Restart variant in any group the restart flags are zeros (a fact of the options, not
     # of the values: no host sync): the counts stay as they are, and the kept memory is `applied`.
