@@ -88,8 +88,7 @@ def _all_fit(optimizer, plan) -> bool:
         return True
     if not all(states) or not all(map(isinstance, states, repeat(dict))):
         return False  # some parameters have state and some not (or a state is no dict): walk
-    names = optimizer.required_scalar_state
-    scalars = tuple(state.get(name) for state in states for name in names)
+    scalars = _scalar_objects(optimizer, states)
     seen = optimizer._gate_accepted.get(id(states[0]))  # by state, not group: DeepSpeed swaps the groups
     if seen is None or seen[0] is not states[0] or seen[1] != devices or len(seen[2]) != len(scalars):
         return False
@@ -127,11 +126,15 @@ def _remember_scalars(optimizer, plan) -> None:
     accepted = optimizer._gate_accepted
     if len(accepted) > _ACCEPTED_LIMIT:
         accepted.clear()
-    names = optimizer.required_scalar_state
     # Keyed by the first parameter's state and holding it and the tensors, so no id in it can be
     # reused by another object while it is remembered.
-    accepted[id(states[0])] = (states[0], list(map(_DEVICE, plan.local_params)),
-                               tuple(state.get(name) for state in states for name in names))  # fmt: skip
+    accepted[id(states[0])] = (states[0], list(map(_DEVICE, plan.local_params)), _scalar_objects(optimizer, states))
+
+
+def _scalar_objects(optimizer, states) -> tuple:
+    """Every one-element state entry of ``states``, in order: what the walk accepted, compared by identity."""
+    names = optimizer.required_scalar_state
+    return tuple(state.get(name) for state in states for name in names)
 
 
 _ACCEPTED_LIMIT = 1 << 16  # param groups' entries remembered (bounded for groups that come and go)
