@@ -6,11 +6,13 @@ of both phases to the path :func:`hf_am.planning.choose_path` picked.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from . import multi_tensor, reference
+from .coefficient import StepCoefficients
 from .hyperparameters import (
     FOREACH,
     FUSED,
@@ -29,7 +31,7 @@ from .hyperparameters import (
 from .optimizer import AMOptimizer
 from .planning import GroupPlan, Path
 from .sharding import local_view
-from .state import APPLIED, BETA, FALLBACKS, PROD, RESTARTS, accumulation_dtype, new_scalar_state
+from .state import APPLIED, BETA, FALLBACKS, PREV_LR, PROD, RESTARTS, accumulation_dtype, new_scalar_state
 from .statistics import ScalarWrite
 
 __all__ = ["AMAdamW"]
@@ -195,6 +197,41 @@ class AMAdamW(AMOptimizer):
             group_index=first.group_index,
         )
 
+    def _one_call(self, run: GroupPlan, members: List[GroupPlan], layout):
+        """The whole step of ``run`` in one C call (:meth:`_whole_step`), where its kernels offer it and
+        every learning rate, this step's and the last, is a number (a tensor lr is read per group)."""
+        if run.path is not Path.FUSED or getattr(run.kernels, "adamw_step", None) is None:
+            return None
+        lrs = [(m.group["lr"], m.group.get(PREV_LR, m.group["lr"])) for m in members]
+        if not all(type(lr) in (float, int) and type(prev) in (float, int) for lr, prev in lrs):
+            return None
+        return functools.partial(self._whole_step, run, members, lrs, layout)
+
+    def _whole_step(self, run: GroupPlan, members: List[GroupPlan], lrs, layout):
+        """``(StepCoefficients, writes)`` of a step run as one C call; the per-tensor scalars it is given
+        are the ones :meth:`_partial_sums` and :func:`_update_fused` compute, from the same functions."""
+        states, exp_avgs, exp_avg_sqs = self._lists(run)
+        steps = torch.stack([s["step"] for s in states]) + 1.0  # as _partial_sums
+        prods = torch.stack([s[PROD] for s in states])
+        group = run.group
+        beta2, eps, lr = group["betas"][1], group["eps"], group["lr"]
+        acc = accumulation_dtype(run.local_params[0].dtype)
+        bias2_sqrt, d_scale, eps_scaled = multi_tensor.adamw_bias_terms(steps, prods, eps, beta2, acc)
+        # scope_sums' weights: eta for A and C, eta + eta' for B (the linear estimate), per member group
+        weights = tuple((float(lr_m), float(lr_m + prev), len(m.params)) for m, (lr_m, prev) in zip(members, lrs))
+        eta, eta_b = self._device_constants.get(("one-call lr weights", tuple((a.hex(), b.hex(), k) for a, b, k in weights)),
+                                                lambda: _per_tensor_columns(weights))
+        hyper, has_threshold = self._packed_hyperparameters(layout)
+        coefficients, prods_new, _ = run.kernels.adamw_step(
+            run.local_params, run.local_grads, exp_avgs, exp_avg_sqs, beta2=beta2, eps_scaled=eps_scaled,
+            d_scale=d_scale, bias2_sqrt=bias2_sqrt, prods=prods, eta=eta, eta_b=eta_b,
+            decay=torch.as_tensor(1.0 - lr * group["weight_decay"], dtype=torch.float64),  # as _update_fused
+            neg_lr=float(-lr), has_restarts=has_restart_variant(group), scope_ids=run.scope_ids,
+            n_scopes=layout.n_scopes, hyper=hyper, has_threshold=has_threshold,
+        )  # fmt: skip
+        writes = [ScalarWrite(states, PROD, prods_new), ScalarWrite(states, "step", steps)]
+        return StepCoefficients(*coefficients.unbind(0)), writes
+
     def _partial_sums(self, plan: GroupPlan) -> torch.Tensor:
         """Phase 1 reads only (state changes in phase 2), so a step that raises before phase 2 changes nothing."""
         states, exp_avgs, exp_avg_sqs = self._lists(plan)
@@ -238,6 +275,13 @@ class AMAdamW(AMOptimizer):
         )
         plan.scratch = None
         return [ScalarWrite(states, PROD, prods_new), ScalarWrite(states, "step", steps)]
+
+
+def _per_tensor_columns(weights) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``eta`` and ``eta + eta'`` of each tensor, from ``(eta, eta + eta', tensor count)`` per group."""
+    eta = [a for a, _, k in weights for _ in range(k)]
+    eta_b = [b for _, b, k in weights for _ in range(k)]
+    return torch.tensor(eta, dtype=torch.float64), torch.tensor(eta_b, dtype=torch.float64)
 
 
 def _merge_key(plan: GroupPlan) -> Optional[tuple]:

@@ -12,7 +12,9 @@ A step (docs/algorithm.md §10) is
 * record: :func:`hf_am.statistics.record_step`.
 
 Everything between the phases is tensor arithmetic, so ``step()`` never waits
-for the device.
+for the device.  Where nothing between the phases needs Python (one scope per tensor, no
+collective, the C kernels: :meth:`AMOptimizer._whole_step_in_one_call`), sums, coefficient and
+update are one kernel call with the same bits.
 """
 
 from __future__ import annotations
@@ -177,33 +179,27 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         new_state = [p for plan in plans for p in plan.params if not self.state.get(p)]
         self._init_state(plans)
         runs = self._phase_runs(plans)
+        whole = self._whole_step_in_one_call(runs, layout)
         try:
-            partials = _rows_per_plan(plans, runs, [self._partial_sums(run) for run, _ in runs])  # phase 1 reads only
-            loss_delta = self._loss_delta(plans, loss, layout)
-            sums, mismatch = scope_sums(plans, partials, layout, loss_delta is not None, self._device_constants)
-            if mismatch is not None:
-                self._guard.on_mismatch(mismatch, plans)
+            if whole is not None:  # sums, coefficients and update in one kernel call, which refuses before any write
+                coefficients, writes = whole()
+            else:
+                partials = _rows_per_plan(plans, runs, [self._partial_sums(run) for run, _ in runs])  # phase 1 reads only
+                loss_delta = self._loss_delta(plans, loss, layout)
+                sums, mismatch = scope_sums(plans, partials, layout, loss_delta is not None, self._device_constants)
+                if mismatch is not None:
+                    self._guard.on_mismatch(mismatch, plans)
         except BaseException:
             for p in new_state:  # leave no trace of a step that did not happen
                 self.state.pop(p, None)
             raise
 
-        coefficients = self._step_coefficients(plans, sums, layout, loss_delta)
-        applied, restart = coefficients.applied, coefficients.restart
-        if mismatch is not None and layout.device.type != "cpu":
-            # Ranks disagreed (see LayoutGuard.on_mismatch): keep every momentum as it is.
-            applied = torch.where(mismatch, torch.ones_like(applied), applied)
-            restart = torch.where(mismatch, torch.zeros_like(restart), restart)
-
-        writes: List[ScalarWrite] = []
-        for run, _ in runs:
-            idx = self._device_constants.index(run.scope_ids, layout.device)
-            writes += self._apply_update(run, applied.index_select(0, idx), restart.index_select(0, idx))
+        if whole is None:
+            coefficients, writes = self._coefficients_and_update(plans, runs, layout, sums, mismatch, loss_delta)
         for plan in plans:
             lr = plan.group["lr"]  # a tensor lr is updated in place by schedulers: keep a copy
             plan.group[PREV_LR] = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
-        record_step(self, plans, coefficients, applied, restart, layout.device, torch.zeros(()) if initialising else loss,
-                    writes)
+        record_step(self, plans, coefficients, layout.device, torch.zeros(()) if initialising else loss, writes)
         # After a state-initialising step am_prev_loss is a placeholder (0): it gives the state its
         # keys (DCP loads only the keys the state already has), but no step may difference it.
         self._prev_loss_placeholder = initialising
@@ -225,6 +221,24 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         grads = [local_view(p.grad) for g in groups for p in g["params"] if p.grad is not None]
         return bool(grads) and not any(bool(g.any()) for g in grads)
 
+    def _coefficients_and_update(self, plans: List[GroupPlan], runs, layout: Layout, sums: torch.Tensor,
+                                 mismatch: Optional[torch.Tensor], loss_delta: Optional[torch.Tensor]):
+        """The two-call step after phase 1: the coefficients, then phase 2 with the coefficient and restart
+        flags the update applies (on a rank disagreement found on the device: every momentum kept, no
+        restart).  Returns ``(StepCoefficients, writes)``, the coefficients as applied."""
+        coefficients = self._step_coefficients(plans, sums, layout, loss_delta)
+        if mismatch is not None and layout.device.type != "cpu":
+            # Ranks disagreed (see LayoutGuard.on_mismatch): keep every momentum as it is.
+            coefficients = coefficients._replace(
+                applied=torch.where(mismatch, torch.ones_like(coefficients.applied), coefficients.applied),
+                restart=torch.where(mismatch, torch.zeros_like(coefficients.restart), coefficients.restart),
+            )
+        writes: List[ScalarWrite] = []
+        for run, _ in runs:
+            idx = self._device_constants.index(run.scope_ids, layout.device)
+            writes += self._apply_update(run, coefficients.applied.index_select(0, idx), coefficients.restart.index_select(0, idx))
+        return coefficients, writes
+
     def _step_coefficients(self, plans: List[GroupPlan], sums: torch.Tensor, layout: Layout,
                            loss_delta: Optional[torch.Tensor]) -> StepCoefficients:
         """The one place that picks where the closed form runs (docs/algorithm.md §10).
@@ -239,11 +253,17 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         formula = getattr(kernels, "step_coefficients", None)
         if formula is None or sums.device.type != "cpu" or any(plan.kernels is not kernels for plan in plans):
             return step_coefficients(sums, *self._scope_hyperparameters(layout), loss_delta)
+        return StepCoefficients(*formula(sums, *self._packed_hyperparameters(layout), loss_delta))
+
+    def _packed_hyperparameters(self, layout: Layout) -> Tuple[torch.Tensor, bool]:
+        """The scopes' ``lam, beta_min, beta_max, restart threshold`` as the C kernels read them: a
+        ``(4, 1)`` float64 CPU tensor when every scope agrees, else ``(4, n_scopes)`` (NaN: no Restart
+        variant), cached; and whether any scope has the Restart variant."""
         values = set(layout.hyper_of_scope)
         rows = tuple(values) if len(values) == 1 else tuple(layout.hyper_of_scope)
         has_threshold = any(map(has_restart_variant, rows))
         packed = self._device_constants.get(("hyper_rows", rows), lambda: torch.tensor(_hyper_columns(rows), dtype=torch.float64))
-        return StepCoefficients(*formula(sums, packed, has_threshold, loss_delta))
+        return packed, has_threshold
 
     def _scope_hyperparameters(self, layout: Layout) -> Hyperparameters:
         """Python floats when every scope agrees, else per-scope tensors on the device
@@ -271,7 +291,30 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         current = torch.as_tensor(loss).detach().to(device=layout.device, dtype=layout.acc)
         return current - prev.to(layout.acc)
 
+    #: Whether a step may run as one kernel call where :meth:`_whole_step_in_one_call` allows it.  Set it to
+    #: False on an optimizer to run the phases as separate calls instead (the tests compare the two).
+    one_call_step: bool = True
+
+    def _whole_step_in_one_call(self, runs, layout: Layout):
+        """A callable that runs the whole step (sums, coefficients, update) in one kernel call and returns
+        ``(StepCoefficients, writes)``, or ``None`` where the step needs Python between the phases.
+
+        It may where nothing between the phases is a collective or needs the host: every tensor its own
+        scope (``scope="tensor"``), the linear loss estimate (no loss to difference), no reduction key (no
+        collective, so no rank check), and one run, whose kernels offer it (:meth:`_one_call`).  What it
+        saves is the host work between the phases (docs/algorithm.md §10); the results are the bits of the
+        separate calls (tests/unit/test_one_call_step.py).
+        """
+        if (not self.one_call_step or self.scope != "tensor" or self.loss_estimate != "linear"
+                or layout.groups_for_key or len(runs) != 1):  # fmt: skip
+            return None
+        return self._one_call(*runs[0], layout)
+
     # ------------------------------------------------- subclass responsibilities
+    def _one_call(self, run: GroupPlan, members: List[GroupPlan], layout: Layout):
+        """See :meth:`_whole_step_in_one_call`: the subclass's one-call step of ``run``, or ``None``."""
+        return None
+
     def _phase_runs(self, plans: List[GroupPlan]) -> List[Tuple[GroupPlan, List[GroupPlan]]]:
         """How the phases run the plans: ``(plan a phase runs, the groups' plans it covers)``.
 

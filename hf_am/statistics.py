@@ -28,15 +28,16 @@ class ScalarWrite(NamedTuple):
     values: torch.Tensor  #: 1-D, one value per state
 
 
-def record_step(optimizer, plans: List[GroupPlan], coefficients, applied: torch.Tensor, restart: torch.Tensor, device,
-                loss, writes: Sequence[ScalarWrite] = ()) -> None:
+def record_step(optimizer, plans: List[GroupPlan], coefficients, device, loss, writes: Sequence[ScalarWrite] = ()) -> None:
     """Store each scope's reported and applied coefficients, restart and fallback counts and (exact mode)
     the loss in every member's state, and phase 2's ``writes``, for all groups of the step at once: one
     copy op over every per-tensor scalar of the step, where on CPU each foreach op over 0-d tensors
-    dispatches once per tensor.  ``applied``, ``restart``: the per-scope coefficient and restart flags the
-    update used (on a rank disagreement they differ from ``coefficients``); the applied coefficient
-    stored is the one the update multiplied the old momentum by, 0 after a restart.  Values are rounded
-    to each destination's dtype once, as a copy or an in-place add into it would round them."""
+    dispatches once per tensor.  ``coefficients``: the step's :class:`~hf_am.coefficient.StepCoefficients`
+    with the applied coefficient and restart flags the update used (on a rank disagreement: every momentum
+    kept, no restart); the applied coefficient stored is the one the update multiplied the old momentum
+    by, 0 after a restart.  Values are rounded to each destination's dtype once, as a copy or an in-place
+    add into it would round them."""
+    applied, restart = coefficients.applied, coefficients.restart
     by_plan = [list(map(optimizer.state.__getitem__, plan.params)) for plan in plans]
     states = list(chain.from_iterable(by_plan))
     if not states:  # a rank without gradients still ran the step's collective: nothing of its own to record

@@ -154,37 +154,43 @@ SGD_UPDATE(double, sgd_update_f64)
  * scope has it.  `loss_delta`: NULL (the linear estimate) or one value.  `out` (5 x n): the adaptive,
  * reported and applied coefficients, the restart flags and the fallback flags. */
 #define AM_CLAMP(x, lo, hi) ((x) < (lo) ? (lo) : ((x) > (hi) ? (hi) : (x))) /* NaN stays NaN, like torch.clamp */
-__attribute__((optimize("fp-contract=off")))
+/* One scope's row: sums a, b, c; hyperparameter column h of `hyper`; writes out[0..4 * stride] with stride
+ * between the five results.  Shared by am_coefficients and am_adamw_step (noinline: it keeps its own
+ * fp-contract=off wherever it is called from). */
+__attribute__((noinline, optimize("fp-contract=off")))
+static void coefficient_row(double a, double b, double c, const double *hyper, int64_t hyper_len, int64_t h,
+                            int has_threshold, const double *loss_delta, double *out, int64_t stride) {
+    const double lam = hyper[h], beta_min = hyper[hyper_len + h], beta_max = hyper[2 * hyper_len + h];
+    const double threshold = hyper[3 * hyper_len + h];
+    double numerator = a - b;
+    if (loss_delta) numerator = numerator + loss_delta[0];
+    numerator = numerator * (1.0 + lam);
+    const int positive_c = !(c <= 0.0); /* NaN counts as positive: a NaN sum gives a NaN beta */
+    double alpha = positive_c ? numerator / c : (numerator > 0.0 ? 1.0 : 0.0);
+    alpha = AM_CLAMP(alpha, 0.0, 1.0);
+    double beta = 1.0 - alpha;
+    beta = AM_CLAMP(beta, beta_min, beta_max);
+    const int finite = isfinite(a) && isfinite(b) && isfinite(c) && (!loss_delta || isfinite(loss_delta[0]));
+    if (!finite) beta = beta_max;
+    double restart = 0.0, base = beta, reported = beta;
+    if (has_threshold) {
+        restart = (beta < threshold && finite) ? 1.0 : 0.0; /* a NaN threshold: never */
+        base = isnan(threshold) ? beta : beta_max;
+        reported = base * (1.0 - restart);
+    }
+    out[0] = beta;
+    out[stride] = reported;
+    out[2 * stride] = (base + lam) / (1.0 + lam);
+    out[3 * stride] = restart;
+    out[4 * stride] = finite ? 0.0 : 1.0;
+}
+
 int am_coefficients(int64_t n, const double *sums, const double *hyper, int64_t hyper_len, int has_threshold,
                     const double *loss_delta, double *out) {
     if (n < 0 || (hyper_len != 1 && hyper_len != n)) return 2;
-    for (int64_t i = 0; i < n; ++i) {
-        const int64_t h = hyper_len == 1 ? 0 : i;
-        const double lam = hyper[h], beta_min = hyper[hyper_len + h], beta_max = hyper[2 * hyper_len + h];
-        const double threshold = hyper[3 * hyper_len + h];
-        const double a = sums[3 * i], b = sums[3 * i + 1], c = sums[3 * i + 2];
-        double numerator = a - b;
-        if (loss_delta) numerator = numerator + loss_delta[0];
-        numerator = numerator * (1.0 + lam);
-        const int positive_c = !(c <= 0.0); /* NaN counts as positive: a NaN sum gives a NaN beta */
-        double alpha = positive_c ? numerator / c : (numerator > 0.0 ? 1.0 : 0.0);
-        alpha = AM_CLAMP(alpha, 0.0, 1.0);
-        double beta = 1.0 - alpha;
-        beta = AM_CLAMP(beta, beta_min, beta_max);
-        const int finite = isfinite(a) && isfinite(b) && isfinite(c) && (!loss_delta || isfinite(loss_delta[0]));
-        if (!finite) beta = beta_max;
-        double restart = 0.0, base = beta, reported = beta;
-        if (has_threshold) {
-            restart = (beta < threshold && finite) ? 1.0 : 0.0; /* a NaN threshold: never */
-            base = isnan(threshold) ? beta : beta_max;
-            reported = base * (1.0 - restart);
-        }
-        out[i] = beta;
-        out[n + i] = reported;
-        out[2 * n + i] = (base + lam) / (1.0 + lam);
-        out[3 * n + i] = restart;
-        out[4 * n + i] = finite ? 0.0 : 1.0;
-    }
+    for (int64_t i = 0; i < n; ++i)
+        coefficient_row(sums[3 * i], sums[3 * i + 1], sums[3 * i + 2], hyper, hyper_len, hyper_len == 1 ? 0 : i,
+                        has_threshold, loss_delta, out + i, n);
     return 0;
 }
 
@@ -234,18 +240,22 @@ static void *run_chunks(void *arg) {
     return NULL;
 }
 
-/* Run `fn` over all elements of all tensors on up to `threads` threads; sum kernels add each
- * tensor's chunk sums, in chunk order, into `out` (n * 3 doubles). */
-static int run(Work base, RangeFn fn, int threads, double *out) {
-    int64_t total = 0;
-    int64_t *first = (int64_t *)malloc(((size_t)base.n + 1) * sizeof(int64_t));
-    if (!first) return 1;
+/* The chunk count of tensors 0..n-1 of `base`, with first[i] (n + 1 entries) as in Shared. */
+static int64_t chunk_starts(const Work *base, int64_t *first) {
     first[0] = 0;
-    for (int64_t i = 0; i < base.n; ++i) {
-        total += base.numel[i];
-        first[i + 1] = first[i] + (base.numel[i] + AM_CHUNK - 1) / AM_CHUNK;
-    }
-    int64_t chunks = first[base.n];
+    for (int64_t i = 0; i < base->n; ++i) first[i + 1] = first[i] + (base->numel[i] + AM_CHUNK - 1) / AM_CHUNK;
+    return first[base->n];
+}
+
+/* Run `fn` over all elements of all tensors on up to `threads` threads; sum kernels add each
+ * tensor's chunk sums, in chunk order, into `out` (n * 3 doubles).  `first` (n + 1 entries) and, for sum
+ * kernels, `chunk_out` (3 doubles per chunk) are the caller's scratch: nothing here can fail, so a caller
+ * that allocated them can run several passes and know that each one runs to its end.  A thread that
+ * cannot be started leaves its chunks to the others (the counter hands them out). */
+static void run_in(Work base, RangeFn fn, int threads, double *out, int64_t *first, double *chunk_out) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < base.n; ++i) total += base.numel[i];
+    int64_t chunks = chunk_starts(&base, first);
     if (threads < 1) threads = 1;
     if (threads > 64) threads = 64;
     if (total < AM_MIN_PER_THREAD * (int64_t)threads) threads = (int)(total / AM_MIN_PER_THREAD) + 1;
@@ -254,17 +264,10 @@ static int run(Work base, RangeFn fn, int threads, double *out) {
     sh.work = base;
     sh.fn = fn;
     sh.first = first;
-    sh.chunk_out = NULL;
+    sh.chunk_out = out && chunks > 0 ? chunk_out : NULL;
     sh.next = 0;
     sh.last_first = out != NULL;
-    int status = 0;
-    if (out && chunks > 0) {
-        sh.chunk_out = (double *)calloc((size_t)chunks * 3, sizeof(double));
-        if (!sh.chunk_out) {
-            free(first);
-            return 1;
-        }
-    }
+    if (sh.chunk_out) memset(sh.chunk_out, 0, (size_t)chunks * 3 * sizeof(double));
 #ifdef AM_OPENMP
     /* torch's OpenMP pool (hf_am/kernels/cpu_build.py links this library against the runtime torch
      * loaded): right after the backward pass its workers are awake and spinning, so a pass started
@@ -276,23 +279,36 @@ static int run(Work base, RangeFn fn, int threads, double *out) {
     pthread_t ids[64];
     int started = 0;
     for (int t = 1; t < threads; ++t) {
-        if (pthread_create(&ids[t], NULL, run_chunks, &sh) != 0) {
-            status = 2;
-            break;
-        }
-        started = t;
+        if (pthread_create(&ids[started + 1], NULL, run_chunks, &sh) != 0) break;
+        ++started;
     }
-    if (status == 0) run_chunks(&sh);
+    run_chunks(&sh);
     for (int t = 1; t <= started; ++t) pthread_join(ids[t], NULL);
 #endif
-    if (status == 0 && out) {
+    if (out) {
         for (int64_t i = 0; i < base.n; ++i)
             for (int64_t c = first[i]; c < first[i + 1]; ++c)
                 for (int k = 0; k < 3; ++k) out[3 * i + k] += sh.chunk_out[3 * c + k];
     }
-    free(sh.chunk_out);
+}
+
+/* run_in with its scratch allocated here (1: out of memory, before any element is touched). */
+static int run(Work base, RangeFn fn, int threads, double *out) {
+    int64_t *first = (int64_t *)malloc(((size_t)base.n + 1) * sizeof(int64_t));
+    if (!first) return 1;
+    double *chunk_out = NULL;
+    if (out) {
+        int64_t chunks = chunk_starts(&base, first);
+        chunk_out = (double *)malloc(((size_t)chunks + 1) * 3 * sizeof(double));
+        if (!chunk_out) {
+            free(first);
+            return 1;
+        }
+    }
+    run_in(base, fn, threads, out, first, chunk_out);
+    free(chunk_out);
     free(first);
-    return status;
+    return 0;
 }
 
 /* ---------------------------------------------------------------- entry points */
@@ -330,6 +346,103 @@ int am_adamw_update(int dtype_bits, int threads, int64_t n, const int64_t *numel
     w.n = n; w.numel = numel; w.a = p; w.b = g; w.c = m; w.d = v; w.h0 = beta2;
     w.s0 = eps_scaled; w.s1 = keep; w.s2 = weight; w.s3 = decay; w.s4 = step;
     return run(w, dtype_bits == 64 ? adamw_update_f64 : adamw_update_f32, threads, NULL);
+}
+
+/* ------------------------------------------------------------ AM-AdamW in one call */
+/* A whole AM-AdamW step in one call, for the case where nothing between the passes needs Python: every
+ * tensor its own scope (scope="tensor"), the linear loss estimate, no collective (docs/algorithm.md §10).
+ * The sums pass, each tensor's coefficient, then the update pass, with the same operations as the
+ * two-call step: the same chunks summed in the same order, and between the passes the double and
+ * parameter-precision operations of the Python definitions, in their order, uncontracted (adamw_between);
+ * tests/unit/test_one_call_step.py holds the two to the same bits.  What it saves is the host work between
+ * the passes (about twenty torch ops on vectors of a few dozen numbers, and a second call), and the pause in
+ * which torch's OpenMP workers could fall asleep between two calls.
+ * (Taking the tensors in cache-sized windows, sums then update per window, so that the update would find
+ * g, m and v in the caches, was measured too: it was slower on the 2-core EPYC of benchmarks/RESULTS.md,
+ * for reasons not pinned down, and is not built.) */
+typedef struct {
+    const double *bias2_sqrt;  /* c = sqrt(1 - beta2^t) per tensor (values of the parameter type) */
+    const double *prods;       /* product of applied coefficients so far (values of the parameter type) */
+    const double *eta, *eta_b; /* the learning-rate weights of A and C, and of B (eta + eta') */
+    const int64_t *scope;      /* scope index of each tensor */
+    int64_t n_scopes;
+    const double *hyper;       /* 4 x hyper_len: lam, beta_min, beta_max, restart threshold (NaN: none) */
+    int64_t hyper_len;         /* 1 or n_scopes */
+    int has_threshold, has_restarts;
+    double neg_lr;             /* -lr, as Python negated it */
+    double *coef_out;          /* 5 x n_scopes: adaptive, reported, applied, restart, fallback */
+    void *prods_out;           /* n values of the parameter type: the new products */
+} StepArgs;
+
+typedef void (*BetweenFn)(const StepArgs *a, int64_t i, const double *raw, double *keep, double *weight, double *step);
+
+/* hf_am.am_adamw._sums_fused (sums * c), hf_am.reduction.scope_sums (times the lr weights, added to a zero
+ * total), the closed form (coefficient_row), AMAdamW._apply_update (the new product, reset by a restart)
+ * and _update_fused (step size -lr c / (1 - product), weight 1 - applied, keep 1 - restart). */
+#define ADAMW_BETWEEN(T, NAME)                                                                             \
+    __attribute__((noinline, optimize("fp-contract=off")))                                                 \
+    static void NAME(const StepArgs *a, int64_t i, const double *raw, double *keep, double *weight, double *step) { \
+        const double c = a->bias2_sqrt[i];                                                                 \
+        const double s0 = 0.0 + (raw[0] * c) * a->eta[i];                                                  \
+        const double s1 = 0.0 + (raw[1] * c) * a->eta_b[i];                                                \
+        const double s2 = 0.0 + (raw[2] * c) * a->eta[i];                                                  \
+        const int64_t sid = a->scope[i];                                                                   \
+        double *col = a->coef_out + sid;                                                                   \
+        coefficient_row(s0, s1, s2, a->hyper, a->hyper_len, a->hyper_len == 1 ? 0 : sid, a->has_threshold, \
+                        NULL, col, a->n_scopes);                                                           \
+        const double applied = col[2 * a->n_scopes], restart = col[3 * a->n_scopes];                      \
+        T prod = (T)a->prods[i];                                                                           \
+        if (a->has_restarts && restart > 0) prod = (T)1;                                                   \
+        const T prod_new = prod * (T)applied;                                                              \
+        ((T *)a->prods_out)[i] = prod_new;                                                                 \
+        step[i] = (double)(((T)a->neg_lr * (T)c) / ((T)1 - prod_new));                                     \
+        weight[i] = 1.0 - applied;                                                                         \
+        if (keep) keep[i] = 1.0 - restart;                                                                 \
+    }
+
+ADAMW_BETWEEN(float, adamw_between_f32)
+ADAMW_BETWEEN(double, adamw_between_f64)
+
+/* Return 0 on success, 2 for arguments out of range, 1 when out of memory; in both failures before any
+ * tensor is touched.  `sums_out` (n x 3) must hold zeros; it receives each tensor's unweighted sums. */
+int am_adamw_step(int dtype_bits, int threads, int64_t n, const int64_t *numel, void **p, void **g, void **m, void **v,
+                  double beta2, const double *eps_scaled, const double *d_scale, const double *bias2_sqrt,
+                  const double *prods, const double *eta, const double *eta_b, const double *decay, double neg_lr,
+                  int has_restarts, const int64_t *scope, int64_t n_scopes, const double *hyper, int64_t hyper_len,
+                  int has_threshold, double *coef_out, void *prods_out, double *sums_out) {
+    if ((dtype_bits != 32 && dtype_bits != 64) || n < 0 || n_scopes < 0) return 2;
+    if (hyper_len != 1 && hyper_len != n_scopes) return 2;
+    for (int64_t i = 0; i < n; ++i)
+        if (numel[i] < 0 || scope[i] < 0 || scope[i] >= n_scopes) return 2;
+    Work sums;
+    memset(&sums, 0, sizeof sums);
+    sums.n = n; sums.numel = numel; sums.a = g; sums.b = m; sums.c = v; sums.h0 = beta2; sums.s0 = eps_scaled; sums.s1 = d_scale;
+    int64_t *first = (int64_t *)malloc(((size_t)n + 1) * sizeof(int64_t));
+    double *scalars = (double *)malloc(((size_t)n * 3 + 1) * sizeof(double)); /* keep, weight, step per tensor */
+    double *chunk_out = first ? (double *)malloc(((size_t)chunk_starts(&sums, first) + 1) * 3 * sizeof(double)) : NULL;
+    if (!first || !scalars || !chunk_out) {
+        free(first);
+        free(scalars);
+        free(chunk_out);
+        return 1;
+    }
+    double *keep = has_restarts ? scalars : NULL, *weight = scalars + n, *step = scalars + 2 * (size_t)n;
+    Work update;
+    memset(&update, 0, sizeof update);
+    update.n = n; update.numel = numel; update.a = p; update.b = g; update.c = m; update.d = v; update.h0 = beta2;
+    update.s0 = eps_scaled; update.s1 = keep; update.s2 = weight; update.s3 = decay; update.s4 = step;
+    StepArgs args = {bias2_sqrt, prods, eta, eta_b, scope, n_scopes, hyper, hyper_len, has_threshold, has_restarts,
+                     neg_lr, coef_out, prods_out};
+    const int wide = dtype_bits == 64;
+    RangeFn sums_fn = wide ? adamw_sums_f64 : adamw_sums_f32, update_fn = wide ? adamw_update_f64 : adamw_update_f32;
+    BetweenFn between = wide ? adamw_between_f64 : adamw_between_f32;
+    run_in(sums, sums_fn, threads, sums_out, first, chunk_out);
+    for (int64_t i = 0; i < n; ++i) between(&args, i, sums_out + 3 * i, keep, weight, step);
+    run_in(update, update_fn, threads, NULL, first, NULL);
+    free(chunk_out);
+    free(scalars);
+    free(first);
+    return 0;
 }
 
 int am_sgd_sums(int dtype_bits, int threads, int64_t n, const int64_t *numel, void **g, void **x, void **d,

@@ -88,7 +88,7 @@ class _Call:
 
 def _check(status: int, name: str) -> None:
     if status != 0:
-        raise RuntimeError(f"hf_am CPU kernel {name} failed (status {status}: could not start threads)")
+        raise RuntimeError(f"hf_am CPU kernel {name} failed (status {status}: out of memory, before touching any tensor)")
 
 
 def adamw_sums(grads, exp_avgs, exp_avg_sqs, beta2: float, eps_scaled, d_scale) -> torch.Tensor:
@@ -114,6 +114,53 @@ def adamw_update(params, grads, exp_avgs, exp_avg_sqs, beta2: float, eps_scaled,
         float(beta2), call.doubles(eps_scaled), call.doubles(keep), call.doubles(weight), call.doubles(decay), call.doubles(step),
     )  # fmt: skip
     _check(status, "am_adamw_update")
+
+
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, beta2: float, eps_scaled, d_scale, bias2_sqrt, prods, eta, eta_b,
+               decay, neg_lr: float, has_restarts: bool, scope_ids: Sequence[int], n_scopes: int, hyper: torch.Tensor,
+               has_threshold: bool):
+    """A whole AM-AdamW step in one C call, where every tensor is its own scope and nothing between the
+    passes needs Python (scope="tensor", linear loss estimate, no collective: docs/algorithm.md §10).
+
+    Phase 1's sums, then each tensor's coefficient, product of coefficients and step size with the bits of
+    the Python definitions the two-call step runs
+    (:func:`hf_am.reduction.scope_sums`' lr weights, :func:`hf_am.coefficient.step_coefficients`, AM-AdamW's
+    ``_apply_update``), then phase 2.  ``bias2_sqrt``, ``prods``: per tensor, in the parameters' precision;
+    ``eta``, ``eta_b``: the lr weights of ``A``/``C`` and of ``B``; ``hyper`` as :func:`step_coefficients`
+    takes it, per scope; ``scope_ids``: each tensor's scope, ``0 <= id < n_scopes``.  Returns
+    ``(coefficients, prods_new, sums)``: the ``(5, n_scopes)`` float64 rows adaptive, reported, applied,
+    restart, fallback (zeros in scopes without a tensor here), the new products (parameter precision) and
+    each tensor's unweighted sums ``(n, 3)``.  Arguments are checked here and again in C; a refused or
+    failed call has touched nothing.
+    """
+    call = _Call(params)
+    n = call.n
+    ids = tuple(scope_ids)
+    if len(ids) != n or (n and (min(ids) < 0 or max(ids) >= n_scopes)):
+        raise ValueError(f"adamw_step: scope_ids must hold {n} scope indices in [0, {n_scopes}), got {len(ids)} "
+                         f"from {min(ids, default=None)} to {max(ids, default=None)}")
+    hyper_fits = _is_double(hyper) and hyper.dim() == 2 and hyper.shape[0] == 4 and hyper.shape[1] in (1, n_scopes)
+    if not hyper_fits:
+        raise ValueError(f"adamw_step: hyper must be a contiguous (4, 1) or (4, {n_scopes}) float64 CPU tensor, got {_what(hyper)}")
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are unavailable ({build_error()})")
+    acc = params[0].dtype
+    coefficients = torch.zeros(5, n_scopes, dtype=torch.float64)
+    prods_new = torch.empty(n, dtype=acc)
+    sums = torch.zeros(n, 3, dtype=torch.float64)
+    status = lib.am_adamw_step(
+        call.bits, torch.get_num_threads(), n, call.numel,
+        call.pointers(params), call.pointers(grads), call.pointers(exp_avgs), call.pointers(exp_avg_sqs),
+        float(beta2), call.doubles(eps_scaled), call.doubles(d_scale), call.doubles(bias2_sqrt), call.doubles(prods),
+        call.doubles(eta), call.doubles(eta_b), call.doubles(decay), float(neg_lr), int(bool(has_restarts)),
+        _array(ctypes.c_int64, ids), int(n_scopes), hyper.data_ptr(), hyper.shape[1], int(bool(has_threshold)),
+        coefficients.data_ptr(), prods_new.data_ptr(), sums.data_ptr(),
+    )  # fmt: skip
+    if status != 0:
+        raise RuntimeError(f"hf_am CPU kernel am_adamw_step failed (status {status}: "
+                           f"{'out of memory' if status == 1 else 'arguments out of range'}); nothing was changed")
+    return coefficients, prods_new, sums
 
 
 def sgd_sums(grads, params, buffers, weight_decay: float) -> torch.Tensor:

@@ -115,6 +115,8 @@ def test_bad_arguments_are_refused_before_the_c_code_reads_them(sums, rows, delt
 class TorchFormulaAMAdamW(hf_am.AMAdamW):
     """AM-AdamW that evaluates the coefficient with the Python definition on every path."""
 
+    one_call_step = False  # the one-call step evaluates it in C (tests/unit/test_one_call_step.py)
+
     def _step_coefficients(self, plans, sums, layout, loss_delta):
         return step_coefficients(sums, *self._scope_hyperparameters(layout), loss_delta)
 

@@ -1,5 +1,6 @@
 """The C kernels' threads (hf_am/kernels/cpu_build.py): torch's own OpenMP pool where it can be shared,
-pthreads otherwise, and the same bits either way, for every thread count.
+pthreads otherwise, and the same bits either way, for every thread count (both passes, and the whole
+AM-AdamW step in one call).
 
 Each check runs in a fresh interpreter (the library is loaded once per process, and the threading is
 chosen at load time), with the real compiler and a private kernel cache.
@@ -42,7 +43,12 @@ def run(threads):
         cpu.adamw_update(p, g, m, v, 0.999, per(1e-8), per(1.0), per(0.1), per(0.99), per(-1e-3))
         sgd = cpu.sgd_sums(g, p, m, 1e-2)
         cpu.sgd_update(p, g, m, 1e-2, per(0.1), per(-1e-2))
-        for t in [sums, sgd, *p, *m, *v]:
+        hyper = torch.tensor([[0.1], [0.0], [0.9], [0.5]], dtype=torch.float64)
+        coef, prods, whole = cpu.adamw_step(
+            p, g, m, v, beta2=0.999, eps_scaled=per(1e-8), d_scale=per(0.9), bias2_sqrt=per(0.03), prods=per(0.5),
+            eta=per(1e-2), eta_b=per(2e-2), decay=per(0.99), neg_lr=-1e-3, has_restarts=True, scope_ids=range(k),
+            n_scopes=k, hyper=hyper, has_threshold=True)
+        for t in [sums, sgd, coef, prods, whole, *p, *m, *v]:
             out.update(t.numpy().tobytes())
     return out.hexdigest()
 
