@@ -132,6 +132,13 @@ class ReadProbe:
             self.state[p]["v"].sum()
 
 
+def _two_calls(optimizer):
+    """The optimizer with its phases as separate kernel calls (``one_call_step = False``): the step before
+    the one-call kernel (``hf_am.kernels.cpu.adamw_step``), measured beside it."""
+    optimizer.one_call_step = False
+    return optimizer
+
+
 def _default_path(device: str, dtype: torch.dtype) -> str:
     """What AMAdamW(..) without foreach/fused runs on this device and dtype."""
     from hf_am.kernels import select_kernels
@@ -169,6 +176,7 @@ def main(argv=None) -> int:
         "AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
         "AdamW (fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
         "AM-AdamW tensor": lambda ps: AMAdamW(ps, lr=1e-3, scope="tensor"),
+        "AM-AdamW tensor (two calls)": lambda ps: _two_calls(AMAdamW(ps, lr=1e-3, scope="tensor")),
         "AM-AdamW model": lambda ps: AMAdamW(ps, lr=1e-3, scope="model"),
         "AM-AdamW tensor, foreach": lambda ps: AMAdamW(ps, lr=1e-3, scope="tensor", foreach=True),
         "AM-AdamW model, foreach": lambda ps: AMAdamW(ps, lr=1e-3, scope="model", foreach=True),

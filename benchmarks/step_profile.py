@@ -6,10 +6,14 @@ steps ``hf_am.AMAdamW`` with the Trainer's two parameter groups (weight decay on
 norms), after wrapping the step's parts with timers: the compiled kernels (per call), planning
 (``plan_step``, with the tensor gate and the path choice inside it), the sums' reduction, the
 coefficient formula, recording the statistics, and ``beta_summary_tensor()`` (what the Trainer
-callback reads every step). Everything not in a named part is "rest of step()". ``torch.optim.AdamW``
-(fused) steps the same tensors for scale. Timers add a little to every part; read the shares.
+callback reads every step); where the step is one C call (the default here: docs/algorithm.md §10)
+that call and its preparation replace the phases, the reduction and the formula, and ``--two-calls``
+profiles the two-call sequence instead. Parts a step never reached are left out. Everything not in a
+named part is "rest of step()". ``torch.optim.AdamW`` (fused) steps the same tensors for scale. Timers
+add a little to every part; read the shares.
 
     python benchmarks/step_profile.py                      # tiny and small, 1 thread
+    python benchmarks/step_profile.py --two-calls          # the phases as separate calls
     python benchmarks/step_profile.py --sizes w512 --steps 50 --threads 2
 
 Prints one table per size (microseconds per step, share of the step), naming the machine.
@@ -95,10 +99,12 @@ def install(timers: Timers) -> None:
     timers.wrap(optimizer.AMOptimizer, "_step_coefficients", "coefficient formula")
     timers.wrap(am_adamw.AMAdamW, "_apply_update", "phase 2 (update)")
     timers.wrap(cpu, "adamw_update", "  of which: C update kernel")
+    timers.wrap(am_adamw.AMAdamW, "_whole_step", "one-call step (sums, coefficients, update)")
+    timers.wrap(cpu, "adamw_step", "  of which: C one-call kernel")
     timers.wrap(optimizer, "record_step", "recording statistics")
 
 
-def profile(size: str, steps: int) -> str:
+def profile(size: str, steps: int, two_calls: bool = False) -> str:
     import torch
 
     import hf_am
@@ -110,6 +116,7 @@ def profile(size: str, steps: int) -> str:
     fused = torch.optim.AdamW([dict(params=g["params"], weight_decay=g["weight_decay"]) for g in groups], lr=1e-3,
                               fused=True)
     am = hf_am.AMAdamW([dict(params=g["params"], weight_decay=g["weight_decay"]) for g in groups], lr=1e-3)
+    am.one_call_step = not two_calls
     timers = Timers()
     install(timers)
     for _ in range(5):
@@ -133,9 +140,12 @@ def profile(size: str, steps: int) -> str:
     top_level = [k for k in parts if not k.startswith("  ")]
     rest = step_us - sum(parts[k] for k in top_level)
     lines = [f"### {size}: {n / 1e6:.2f}M parameters, {sum(len(g['params']) for g in groups)} tensors in 2 groups, "
-             f"{steps} steps", "", "| part | us per step | share of the AM step |", "|---|---|---|"]
+             f"{steps} steps, {'two calls' if two_calls else 'default (one call where it applies)'}", "",
+             "| part | us per step | share of the AM step |", "|---|---|---|"]
     for k in timers.order:
-        v = parts.get(k, 0.0)
+        if k not in parts:  # never reached by this kind of step
+            continue
+        v = parts[k]
         lines.append(f"| {k} | {v:.0f} | {v / step_us:.1%} |")
     lines.append(f"| rest of step() | {rest:.0f} | {rest / step_us:.1%} |")
     lines.append(f"| **AM-AdamW step** (mean; median {statistics.median(per_step) / 1e3:.0f}) | **{step_us:.0f}** | 100% |")
@@ -151,6 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=sorted(SIZES))
     p.add_argument("--steps", type=int, default=200, help="timed steps per size (default 200)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    p.add_argument("--two-calls", action="store_true",
+                   help="profile the step with its phases as separate calls (one_call_step = False)")
     args = p.parse_args(argv)
     import torch
 
@@ -158,7 +170,7 @@ def main(argv=None) -> int:
     print(describe("cpu"))
     print(f"`python benchmarks/step_profile.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n")
     for size in args.sizes:
-        print(profile(size, args.steps), flush=True)
+        print(profile(size, args.steps, args.two_calls), flush=True)
     return 0
 
 

@@ -59,17 +59,21 @@ def test_optimizer_overhead_writes_table_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10000
 
 
-def test_step_profile_names_every_part():
+@pytest.mark.parametrize("two_calls", [False, True], ids=["one-call", "two-calls"])
+def test_step_profile_names_every_part(two_calls):
     pytest.importorskip("transformers")
     script = ROOT / "benchmarks" / "step_profile.py"
-    proc = subprocess.run([sys.executable, str(script), "--sizes", "tiny", "--steps", "3"], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = subprocess.run([sys.executable, str(script), "--sizes", "tiny", "--steps", "3"] + ["--two-calls"] * two_calls,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert out.startswith("CPU:")
-    for part in ("planning (plan_step)", "tensor gate", "C sums kernel", "C update kernel", "coefficient formula",
-                 "recording statistics", "beta_summary_tensor()", "AdamW fused step"):
+    reached = ("C sums kernel", "C update kernel", "coefficient formula") if two_calls else ("one-call step", "C one-call kernel")
+    for part in ("planning (plan_step)", "tensor gate", *reached, "recording statistics", "beta_summary_tensor()",
+                 "AdamW fused step"):
         assert f"| {part}" in out or f"|   of which: {part}" in out, part
+    left_out = ("one-call step", "C one-call kernel") if two_calls else ("C sums kernel", "C update kernel", "coefficient formula")
+    assert not any(part in out for part in left_out)  # what this kind of step never reaches is not listed
     # every part was really reached: no part of the AM step reads 0 microseconds
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and "us per step" not in line]
     assert all(float(r[2].strip().strip("*")) > 0 for r in rows if r[2].strip() and r[2].strip() != "---"), out
