@@ -133,6 +133,12 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, beta2: float, eps_scaled
     each tensor's unweighted sums ``(n, 3)``.  Arguments are checked here and again in C; a refused or
     failed call has touched nothing.
     """
+    acc = params[0].dtype if len(params) else None
+    if acc not in DTYPES or any(len(lst) != len(params) for lst in (grads, exp_avgs, exp_avg_sqs)):
+        # shapes and layouts are decline()'s contract (the planning gate), as for the other entry points;
+        # these two size the output and the pointer arrays the C code walks
+        raise ValueError(f"adamw_step: needs four tensor lists of one length of float32/float64 tensors, got "
+                         f"lengths {[len(x) for x in (params, grads, exp_avgs, exp_avg_sqs)]} and dtype {acc}")
     call = _Call(params)
     n = call.n
     ids = tuple(scope_ids)
@@ -145,7 +151,6 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, beta2: float, eps_scaled
     lib = library()
     if lib is None:
         raise RuntimeError(f"the CPU kernels are unavailable ({build_error()})")
-    acc = params[0].dtype
     coefficients = torch.zeros(5, n_scopes, dtype=torch.float64)
     prods_new = torch.empty(n, dtype=acc)
     sums = torch.zeros(n, 3, dtype=torch.float64)

@@ -223,6 +223,15 @@ def test_bad_arguments_are_refused_before_the_c_code_reads_them(override, match)
     assert all(torch.equal(a, b) for a, b in zip(before, [t for lst in lists for t in lst]))
 
 
+def test_lists_of_other_lengths_or_dtypes_are_refused():
+    lists, args = _direct_args()
+    with pytest.raises(ValueError, match=r"lengths \[2, 1, 2, 2\]"):
+        cpu.adamw_step(lists[0], lists[1][:1], lists[2], lists[3], **args)
+    halves = [[t.half() for t in lst] for lst in lists]
+    with pytest.raises(ValueError, match="torch.float16"):
+        cpu.adamw_step(*halves, **args)
+
+
 def test_the_c_entry_point_checks_its_own_arguments_and_touches_nothing_when_it_refuses():
     """The wrapper's checks again, in C (a caller of the library that skips the wrapper): status 2."""
     lib = cpu_build.library()
