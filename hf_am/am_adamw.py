@@ -211,8 +211,7 @@ class AMAdamW(AMOptimizer):
         """``(StepCoefficients, writes)`` of a step run as one C call; the per-tensor scalars it is given
         are the ones :meth:`_partial_sums` and :func:`_update_fused` compute, from the same functions."""
         states, exp_avgs, exp_avg_sqs = self._lists(run)
-        steps = torch.stack([s["step"] for s in states]) + 1.0  # as _partial_sums
-        prods = torch.stack([s[PROD] for s in states])
+        steps, prods = _counts_and_products(states)
         group = run.group
         beta2, eps, lr = group["betas"][1], group["eps"], group["lr"]
         acc = accumulation_dtype(run.local_params[0].dtype)
@@ -225,7 +224,7 @@ class AMAdamW(AMOptimizer):
         coefficients, prods_new, _ = run.kernels.adamw_step(
             run.local_params, run.local_grads, exp_avgs, exp_avg_sqs, beta2=beta2, eps_scaled=eps_scaled,
             d_scale=d_scale, bias2_sqrt=bias2_sqrt, prods=prods, eta=eta, eta_b=eta_b,
-            decay=torch.as_tensor(1.0 - lr * group["weight_decay"], dtype=torch.float64),  # as _update_fused
+            decay=_decay_factor(lr, group["weight_decay"]),
             neg_lr=float(-lr), has_restarts=has_restart_variant(group), scope_ids=run.scope_ids,
             n_scopes=layout.n_scopes, hyper=hyper, has_threshold=has_threshold,
         )  # fmt: skip
@@ -237,8 +236,7 @@ class AMAdamW(AMOptimizer):
         states, exp_avgs, exp_avg_sqs = self._lists(plan)
         # Per-tensor scalars as vectors: one stack each instead of an op per tensor (on CPU a foreach
         # op on 0-d tensors dispatches once per tensor).  This step's count is stored in phase 2.
-        steps = torch.stack([s["step"] for s in states]) + 1.0
-        prods = torch.stack([s[PROD] for s in states])
+        steps, prods = _counts_and_products(states)
         beta2, eps = plan.group["betas"][1], plan.group["eps"]
         if plan.path is Path.REFERENCE:
             sums, scratch = reference.adamw_sums(plan.local_grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps)
@@ -275,6 +273,16 @@ class AMAdamW(AMOptimizer):
         )
         plan.scratch = None
         return [ScalarWrite(states, PROD, prods_new), ScalarWrite(states, "step", steps)]
+
+
+def _counts_and_products(states) -> Tuple[torch.Tensor, torch.Tensor]:
+    """This step's counts (stored in phase 2) and the products of coefficients so far, one vector each."""
+    return torch.stack([s["step"] for s in states]) + 1.0, torch.stack([s[PROD] for s in states])
+
+
+def _decay_factor(lr, weight_decay) -> torch.Tensor:
+    """``1 - lr * weight_decay`` as a float64 CPU scalar (or per-tensor vector): no transfer."""
+    return torch.as_tensor(1.0 - lr * weight_decay, dtype=torch.float64)
 
 
 def _per_tensor_columns(weights) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -319,7 +327,7 @@ def _sums_fused(kernels, params, grads, exp_avgs, exp_avg_sqs, steps, prods, bet
 def _update_fused(params, grads, exp_avgs, exp_avg_sqs, phase1, applied, restart, prods_new, *, lr, weight_decay, has_restarts):
     acc = accumulation_dtype(params[0].dtype)
     step_size = -lr * phase1.bias2_sqrt / (1.0 - prods_new.to(acc))
-    decay = torch.as_tensor(1.0 - lr * weight_decay, dtype=torch.float64)  # a CPU scalar: no transfer
+    decay = _decay_factor(lr, weight_decay)
     keep = (1.0 - restart) if has_restarts else None
     phase1.kernels.adamw_update(
         params, grads, exp_avgs, exp_avg_sqs, phase1.beta2, phase1.eps_scaled, keep, 1.0 - applied, decay, step_size

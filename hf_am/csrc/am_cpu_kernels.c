@@ -355,8 +355,7 @@ int am_adamw_update(int dtype_bits, int threads, int64_t n, const int64_t *numel
  * two-call step: the same chunks summed in the same order, and between the passes the double and
  * parameter-precision operations of the Python definitions, in their order, uncontracted (adamw_between);
  * tests/unit/test_one_call_step.py holds the two to the same bits.  What it saves is the host work between
- * the passes (about twenty torch ops on vectors of a few dozen numbers, and a second call), and the pause in
- * which torch's OpenMP workers could fall asleep between two calls.
+ * the passes (about twenty torch ops on vectors of a few dozen numbers) and a second call.
  * (Taking the tensors in cache-sized windows, sums then update per window, so that the update would find
  * g, m and v in the caches, was measured too: it was slower on the 2-core EPYC of benchmarks/RESULTS.md,
  * for reasons not pinned down, and is not built.) */
