@@ -25,7 +25,9 @@ state-sized tensors), the memory traffic of AM's read-only first phase, and the 
 second phase moves what fused AdamW moves (4 reads, 3 writes per element), so fused AdamW
 plus one read of g, m, v is what a two-pass step costs where memory is the bottleneck; the
 probe pays a ``torch.sum`` dispatch per tensor, so with many small tensors the floor is a
-little high.
+little high.  AM-AdamW's one-call step takes small enough tensors whole on one thread, its
+update reading g, m, v from the caches (docs/algorithm.md §10), so in many-tensor layouts it
+can run below this floor; one flat partition always takes both passes from memory.
 """
 
 from __future__ import annotations

@@ -218,6 +218,7 @@ typedef struct {
     double *chunk_out;    /* 3 sums per chunk (sum kernels), else NULL */
     int64_t next;         /* next chunk to take (atomic) */
     int last_first;       /* take chunks last to first (the sums pass, see "Order" above) */
+    const unsigned char *skip; /* skip[i]: tensor i is left out (NULL: none) */
 } Shared;
 
 static void *run_chunks(void *arg) {
@@ -233,6 +234,7 @@ static void *run_chunks(void *arg) {
         } else {
             while (sh->first[i + 1] <= c) ++i; /* a thread takes its chunks in increasing order */
         }
+        if (sh->skip && sh->skip[i]) continue;
         int64_t lo = (c - sh->first[i]) * AM_CHUNK;
         int64_t hi = lo + AM_CHUNK < w->numel[i] ? lo + AM_CHUNK : w->numel[i];
         sh->fn(w, i, lo, hi, sh->chunk_out ? sh->chunk_out + 3 * c : NULL);
@@ -247,48 +249,65 @@ static int64_t chunk_starts(const Work *base, int64_t *first) {
     return first[base->n];
 }
 
-/* Run `fn` over all elements of all tensors on up to `threads` threads; sum kernels add each
- * tensor's chunk sums, in chunk order, into `out` (n * 3 doubles).  `first` (n + 1 entries) and, for sum
- * kernels, `chunk_out` (3 doubles per chunk) are the caller's scratch: nothing here can fail, so a caller
- * that allocated them can run several passes and know that each one runs to its end.  A thread that
- * cannot be started leaves its chunks to the others (the counter hands them out). */
-static void run_in(Work base, RangeFn fn, int threads, double *out, int64_t *first, double *chunk_out) {
-    int64_t total = 0;
-    for (int64_t i = 0; i < base.n; ++i) total += base.numel[i];
-    int64_t chunks = chunk_starts(&base, first);
-    if (threads < 1) threads = 1;
-    if (threads > 64) threads = 64;
-    if (total < AM_MIN_PER_THREAD * (int64_t)threads) threads = (int)(total / AM_MIN_PER_THREAD) + 1;
-    if (threads > chunks) threads = chunks > 0 ? (int)chunks : 1;
-    Shared sh;
-    sh.work = base;
-    sh.fn = fn;
-    sh.first = first;
-    sh.chunk_out = out && chunks > 0 ? chunk_out : NULL;
-    sh.next = 0;
-    sh.last_first = out != NULL;
-    if (sh.chunk_out) memset(sh.chunk_out, 0, (size_t)chunks * 3 * sizeof(double));
+/* Run `fn(arg)` on a team of `threads` threads (the caller's thread among them), each taking work from a
+ * shared counter until none is left.  A thread that cannot be started leaves its work to the others. */
+static void run_team(void *(*fn)(void *), void *arg, int threads) {
 #ifdef AM_OPENMP
     /* torch's OpenMP pool (hf_am/kernels/cpu_build.py links this library against the runtime torch
      * loaded): right after the backward pass its workers are awake and spinning, so a pass started
      * on them costs no thread start, and does not compete with them for the cores, as fresh pthreads
      * would (measured in benchmarks/RESULTS.md).  Any team size gives the same results. */
 #pragma omp parallel num_threads(threads)
-    run_chunks(&sh);
+    fn(arg);
 #else
     pthread_t ids[64];
     int started = 0;
-    for (int t = 1; t < threads; ++t) {
-        if (pthread_create(&ids[started + 1], NULL, run_chunks, &sh) != 0) break;
+    for (int t = 1; t < threads && t < 64; ++t) {
+        if (pthread_create(&ids[started], NULL, fn, arg) != 0) break;
         ++started;
     }
-    run_chunks(&sh);
-    for (int t = 1; t <= started; ++t) pthread_join(ids[t], NULL);
+    fn(arg);
+    for (int t = 0; t < started; ++t) pthread_join(ids[t], NULL);
 #endif
+}
+
+/* The team size for `total` elements on up to `threads` threads, `units` pieces of work at most. */
+static int team_size(int64_t total, int threads, int64_t units) {
+    if (threads < 1) threads = 1;
+    if (threads > 64) threads = 64;
+    if (total < AM_MIN_PER_THREAD * (int64_t)threads) threads = (int)(total / AM_MIN_PER_THREAD) + 1;
+    if (threads > units) threads = units > 0 ? (int)units : 1;
+    return threads;
+}
+
+/* Run `fn` over all elements of the tensors not marked in `skip` (NULL: all) on up to `threads` threads;
+ * sum kernels add each such tensor's chunk sums, in chunk order, into `out` (n * 3 doubles).  `first`
+ * (n + 1 entries) and, for sum kernels, `chunk_out` (3 doubles per chunk) are the caller's scratch:
+ * nothing here can fail, so a caller that allocated them can run several passes and know that each one
+ * runs to its end. */
+static void run_in(Work base, RangeFn fn, int threads, double *out, int64_t *first, double *chunk_out,
+                   const unsigned char *skip) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < base.n; ++i)
+        if (!skip || !skip[i]) total += base.numel[i];
+    int64_t chunks = chunk_starts(&base, first);
+    if (total == 0) return;
+    Shared sh;
+    sh.work = base;
+    sh.fn = fn;
+    sh.first = first;
+    sh.chunk_out = out ? chunk_out : NULL;
+    sh.next = 0;
+    sh.last_first = out != NULL;
+    sh.skip = skip;
+    if (sh.chunk_out) memset(sh.chunk_out, 0, (size_t)chunks * 3 * sizeof(double));
+    run_team(run_chunks, &sh, team_size(total, threads, chunks));
     if (out) {
-        for (int64_t i = 0; i < base.n; ++i)
+        for (int64_t i = 0; i < base.n; ++i) {
+            if (skip && skip[i]) continue;
             for (int64_t c = first[i]; c < first[i + 1]; ++c)
                 for (int k = 0; k < 3; ++k) out[3 * i + k] += sh.chunk_out[3 * c + k];
+        }
     }
 }
 
@@ -305,7 +324,7 @@ static int run(Work base, RangeFn fn, int threads, double *out) {
             return 1;
         }
     }
-    run_in(base, fn, threads, out, first, chunk_out);
+    run_in(base, fn, threads, out, first, chunk_out, NULL);
     free(chunk_out);
     free(first);
     return 0;
@@ -355,10 +374,11 @@ int am_adamw_update(int dtype_bits, int threads, int64_t n, const int64_t *numel
  * two-call step: the same chunks summed in the same order, and between the passes the double and
  * parameter-precision operations of the Python definitions, in their order, uncontracted (adamw_between);
  * tests/unit/test_one_call_step.py holds the two to the same bits.  What it saves is the host work between
- * the passes (about twenty torch ops on vectors of a few dozen numbers) and a second call.
- * (Taking the tensors in cache-sized windows, sums then update per window, so that the update would find
- * g, m and v in the caches, was measured too: it was slower on the 2-core EPYC of benchmarks/RESULTS.md,
- * for reasons not pinned down, and is not built.) */
+ * the passes (about twenty torch ops on vectors of a few dozen numbers) and a second call; and, for the
+ * tensors it steps whole on one thread ("tasks", below), the second read of g, m and v from memory.
+ * (Cache-sized windows of all tensors, sums then update per window on all threads, were measured too and
+ * were slower: each window ends in a barrier of the team.  Tasks need none: a thread takes whole
+ * tensors.) */
 typedef struct {
     const double *bias2_sqrt;  /* c = sqrt(1 - beta2^t) per tensor (values of the parameter type) */
     const double *prods;       /* product of applied coefficients so far (values of the parameter type) */
@@ -402,8 +422,75 @@ typedef void (*BetweenFn)(const StepArgs *a, int64_t i, const double *raw, doubl
 ADAMW_BETWEEN(float, adamw_between_f32)
 ADAMW_BETWEEN(double, adamw_between_f64)
 
-/* Return 0 on success, 2 for arguments out of range, 1 when out of memory; in both failures before any
- * tensor is touched.  `sums_out` (n x 3) must hold zeros; it receives each tensor's unweighted sums. */
+/* Tensors the one call steps whole on one thread, sums then update ("tasks"), so that the update finds
+ * g, m and v where the sums pass left them, in the caches.  Every tensor is its own scope in the one call,
+ * so a tensor's coefficient needs its own sums only.  Measured on the 2-core EPYC of benchmarks/RESULTS.md
+ * (32 MB L3): against both passes over all tensors, 1.60x -> 1.35x fused AdamW at 25M in LLaMA-like shapes
+ * and 1.38x -> 1.18x at 101M; equal 4 MB tensors gained most, 16 MB ones little.  A task's chunks are the
+ * chunks of the two passes, summed into their slots and added in chunk order, so the bits are those of
+ * the two passes whichever thread takes the tensor.  Larger tensors, and tensors too large a share of the
+ * step for the threads to finish together, take both passes with all threads as before. */
+#define AM_TASK_BYTES ((int64_t)8 << 20) /* one array of the tensor (8 MB: 2M float32 elements) */
+#define AM_TASK_SHARE 4                  /* at most 1 / (4 x threads) of the step's elements */
+
+typedef struct {
+    const Work *sums, *update;
+    RangeFn sums_fn, update_fn;
+    BetweenFn between;
+    const StepArgs *args;
+    const int64_t *first;
+    double *chunk_out, *sums_out, *keep, *weight, *step;
+    const int64_t *order; /* the task tensors, in the order they are taken */
+    int64_t n_tasks;
+    int64_t next;         /* next task to take (atomic) */
+} Tasks;
+
+static void *run_tasks(void *arg) {
+    Tasks *t = (Tasks *)arg;
+    for (;;) {
+        int64_t k = __atomic_fetch_add(&t->next, 1, __ATOMIC_RELAXED);
+        if (k >= t->n_tasks) break;
+        const int64_t i = t->order[k], numel = t->sums->numel[i];
+        /* Sums last chunk to first, so the update, first to last, starts on what the sums read last. */
+        for (int64_t c = t->first[i + 1] - 1; c >= t->first[i]; --c) {
+            int64_t lo = (c - t->first[i]) * AM_CHUNK, hi = lo + AM_CHUNK < numel ? lo + AM_CHUNK : numel;
+            double *o = t->chunk_out + 3 * c;
+            o[0] = o[1] = o[2] = 0.0;
+            t->sums_fn(t->sums, i, lo, hi, o);
+        }
+        for (int64_t c = t->first[i]; c < t->first[i + 1]; ++c)
+            for (int j = 0; j < 3; ++j) t->sums_out[3 * i + j] += t->chunk_out[3 * c + j];
+        t->between(t->args, i, t->sums_out + 3 * i, t->keep, t->weight, t->step);
+        for (int64_t c = t->first[i]; c < t->first[i + 1]; ++c) {
+            int64_t lo = (c - t->first[i]) * AM_CHUNK, hi = lo + AM_CHUNK < numel ? lo + AM_CHUNK : numel;
+            t->update_fn(t->update, i, lo, hi, NULL);
+        }
+    }
+    return NULL;
+}
+
+/* Mark in `is_task` (n entries) the tensors am_adamw_step takes as tasks on `threads` threads; return how
+ * many, or -1 (nothing written) for a dtype other than 32/64 bits, n < 0 or a negative numel.  Exported so
+ * that the tests can see which of their tensors take which path. */
+int64_t am_adamw_step_tasks(int dtype_bits, int threads, int64_t n, const int64_t *numel, unsigned char *is_task) {
+    if ((dtype_bits != 32 && dtype_bits != 64) || n < 0) return -1;
+    for (int64_t i = 0; i < n; ++i)
+        if (numel[i] < 0) return -1;
+    const int64_t elem = dtype_bits == 64 ? 8 : 4, team = threads < 1 ? 1 : threads > 64 ? 64 : threads;
+    int64_t total = 0, n_tasks = 0;
+    for (int64_t i = 0; i < n; ++i) total += numel[i];
+    const int64_t share_bytes = total / (AM_TASK_SHARE * team) * elem;
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t bytes = numel[i] * elem;
+        is_task[i] = bytes <= AM_TASK_BYTES && bytes <= share_bytes;
+        n_tasks += is_task[i];
+    }
+    return n_tasks;
+}
+
+/* Return 0 on success, 2 for arguments out of range (a scope index repeated among them), 1 when out of
+ * memory; in both failures before any tensor is touched.  `sums_out` (n x 3) must hold zeros; it receives
+ * each tensor's unweighted sums. */
 int am_adamw_step(int dtype_bits, int threads, int64_t n, const int64_t *numel, void **p, void **g, void **m, void **v,
                   double beta2, const double *eps_scaled, const double *d_scale, const double *bias2_sqrt,
                   const double *prods, const double *eta, const double *eta_b, const double *decay, double neg_lr,
@@ -413,14 +500,28 @@ int am_adamw_step(int dtype_bits, int threads, int64_t n, const int64_t *numel, 
     if (hyper_len != 1 && hyper_len != n_scopes) return 2;
     for (int64_t i = 0; i < n; ++i)
         if (numel[i] < 0 || scope[i] < 0 || scope[i] >= n_scopes) return 2;
+    /* Every tensor its own scope: tasks on different threads write their own column of coef_out. */
+    unsigned char *seen = (unsigned char *)calloc((size_t)n_scopes + 1, 1);
+    if (!seen) return 1;
+    int repeated = 0;
+    for (int64_t i = 0; i < n && !repeated; ++i) {
+        repeated = seen[scope[i]];
+        seen[scope[i]] = 1;
+    }
+    free(seen);
+    if (repeated) return 2;
     Work sums;
     memset(&sums, 0, sizeof sums);
     sums.n = n; sums.numel = numel; sums.a = g; sums.b = m; sums.c = v; sums.h0 = beta2; sums.s0 = eps_scaled; sums.s1 = d_scale;
     int64_t *first = (int64_t *)malloc(((size_t)n + 1) * sizeof(int64_t));
+    int64_t *order = (int64_t *)malloc(((size_t)n + 1) * sizeof(int64_t));
+    unsigned char *is_task = (unsigned char *)malloc((size_t)n + 1);
     double *scalars = (double *)malloc(((size_t)n * 3 + 1) * sizeof(double)); /* keep, weight, step per tensor */
     double *chunk_out = first ? (double *)malloc(((size_t)chunk_starts(&sums, first) + 1) * 3 * sizeof(double)) : NULL;
-    if (!first || !scalars || !chunk_out) {
+    if (!first || !order || !is_task || !scalars || !chunk_out) {
         free(first);
+        free(order);
+        free(is_task);
         free(scalars);
         free(chunk_out);
         return 1;
@@ -435,11 +536,27 @@ int am_adamw_step(int dtype_bits, int threads, int64_t n, const int64_t *numel, 
     const int wide = dtype_bits == 64;
     RangeFn sums_fn = wide ? adamw_sums_f64 : adamw_sums_f32, update_fn = wide ? adamw_update_f64 : adamw_update_f32;
     BetweenFn between = wide ? adamw_between_f64 : adamw_between_f32;
-    run_in(sums, sums_fn, threads, sums_out, first, chunk_out);
-    for (int64_t i = 0; i < n; ++i) between(&args, i, sums_out + 3 * i, keep, weight, step);
-    run_in(update, update_fn, threads, NULL, first, NULL);
+
+    const int64_t n_tasks = am_adamw_step_tasks(dtype_bits, threads, n, numel, is_task);
+    int64_t task_total = 0, k = 0;
+    for (int64_t i = n - 1; i >= 0; --i) /* tasks are taken last to first (the freshest gradients first) */
+        if (is_task[i]) {
+            order[k++] = i;
+            task_total += numel[i];
+        }
+    run_in(sums, sums_fn, threads, sums_out, first, chunk_out, is_task);
+    for (int64_t i = 0; i < n; ++i)
+        if (!is_task[i]) between(&args, i, sums_out + 3 * i, keep, weight, step);
+    run_in(update, update_fn, threads, NULL, first, NULL, is_task);
+    if (n_tasks > 0) {
+        Tasks tasks = {&sums, &update, sums_fn, update_fn, between, &args, first, chunk_out, sums_out,
+                       keep, weight, step, order, n_tasks, 0};
+        run_team(run_tasks, &tasks, team_size(task_total, threads, n_tasks));
+    }
     free(chunk_out);
     free(scalars);
+    free(is_task);
+    free(order);
     free(first);
     return 0;
 }

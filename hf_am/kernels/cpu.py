@@ -127,7 +127,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, beta2: float, eps_scaled
     (:func:`hf_am.reduction.scope_sums`' lr weights, :func:`hf_am.coefficient.step_coefficients`, AM-AdamW's
     ``_apply_update``), then phase 2.  ``bias2_sqrt``, ``prods``: per tensor, in the parameters' precision;
     ``eta``, ``eta_b``: the lr weights of ``A``/``C`` and of ``B``; ``hyper`` as :func:`step_coefficients`
-    takes it, per scope; ``scope_ids``: each tensor's scope, ``0 <= id < n_scopes``.  Returns
+    takes it, per scope; ``scope_ids``: each tensor's scope, ``0 <= id < n_scopes``, no two alike.  Returns
     ``(coefficients, prods_new, sums)``: the ``(5, n_scopes)`` float64 rows adaptive, reported, applied,
     restart, fallback (zeros in scopes without a tensor here), the new products (parameter precision) and
     each tensor's unweighted sums ``(n, 3)``.  Arguments are checked here and again in C; a refused or
@@ -142,9 +142,9 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, beta2: float, eps_scaled
     call = _Call(params)
     n = call.n
     ids = tuple(scope_ids)
-    if len(ids) != n or (n and (min(ids) < 0 or max(ids) >= n_scopes)):
-        raise ValueError(f"adamw_step: scope_ids must hold {n} scope indices in [0, {n_scopes}), got {len(ids)} "
-                         f"from {min(ids, default=None)} to {max(ids, default=None)}")
+    if len(ids) != n or len(set(ids)) != n or (n and (min(ids) < 0 or max(ids) >= n_scopes)):
+        raise ValueError(f"adamw_step: scope_ids must hold {n} distinct scope indices in [0, {n_scopes}), got "
+                         f"{len(ids)} ({len(set(ids))} distinct) from {min(ids, default=None)} to {max(ids, default=None)}")
     hyper_fits = _is_double(hyper) and hyper.dim() == 2 and hyper.shape[0] == 4 and hyper.shape[1] in (1, n_scopes)
     if not hyper_fits:
         raise ValueError(f"adamw_step: hyper must be a contiguous (4, 1) or (4, {n_scopes}) float64 CPU tensor, got {_what(hyper)}")

@@ -650,6 +650,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.am_coefficients.argtypes = [i64, ptr, ptr, i64, ctypes.c_int, ptr, ptr]
     lib.am_adamw_step.argtypes = head + [ptr, ptr, ptr, ptr, dbl, ptr, ptr, ptr, ptr, ptr, ptr, ptr, dbl, ctypes.c_int,
                                          ptr, i64, ptr, i64, ctypes.c_int, ptr, ptr, ptr]
+    lib.am_adamw_step_tasks.argtypes = [ctypes.c_int, ctypes.c_int, i64, ptr, ptr]
+    lib.am_adamw_step_tasks.restype = i64
     lib.am_threading.argtypes = []
     for fn in (lib.am_adamw_sums, lib.am_adamw_update, lib.am_sgd_sums, lib.am_sgd_update, lib.am_coefficients,
                lib.am_adamw_step, lib.am_threading):

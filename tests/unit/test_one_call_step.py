@@ -78,9 +78,9 @@ CASES = {
 }
 
 
-def _run(case, dtype, one_call, threads=None, steps=6):
+def _run(case, dtype, one_call, threads=None, steps=6, shapes=_SHAPES):
     gen = torch.Generator().manual_seed(0)
-    params = [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in _SHAPES]
+    params = [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in shapes]
     kw = dict(lr=1e-2, **case.get("kw", {}))
     opt = hf_am.AMAdamW(case.get("groups", _one_group)(params), **kw)
     opt.one_call_step = one_call
@@ -207,13 +207,14 @@ def _direct_args(n=2, n_scopes=2, **override):
 
 @pytest.mark.parametrize(
     "override,match",
-    [(dict(scope_ids=[0, 2]), r"scope_ids must hold 2 scope indices in \[0, 2\)"),
+    [(dict(scope_ids=[0, 2]), r"scope_ids must hold 2 distinct scope indices in \[0, 2\)"),
      (dict(scope_ids=[-1, 0]), "scope_ids"),
      (dict(scope_ids=[0]), "scope_ids must hold 2"),
+     (dict(scope_ids=[1, 1]), r"\(1 distinct\)"),
      (dict(hyper=torch.zeros(4, 3, dtype=torch.float64)), r"hyper must be a contiguous \(4, 1\) or \(4, 2\)"),
      (dict(hyper=torch.zeros(4, 1)), "float64"),
      (dict(hyper=torch.zeros(4, 2, dtype=torch.float64)[:, :1]), "contiguous")],
-    ids=["scope-too-large", "scope-negative", "too-few-scopes", "hyper-columns", "hyper-float32", "hyper-strided"],
+    ids=["scope-too-large", "scope-negative", "too-few-scopes", "scope-repeated", "hyper-columns", "hyper-float32", "hyper-strided"],
 )
 def test_bad_arguments_are_refused_before_the_c_code_reads_them(override, match):
     lists, args = _direct_args(**override)
@@ -254,8 +255,60 @@ def test_the_c_entry_point_checks_its_own_arguments_and_touches_nothing_when_it_
     assert call(count=-1) == 2
     assert call(scopes=(0, 2)) == 2
     assert call(scopes=(-1, 0)) == 2
+    assert call(scopes=(1, 1)) == 2  # two tensors of one scope: the tasks would share a column
     assert call(hyper_len=3) == 2
     assert call(n_scopes=-1) == 2
     assert all(torch.equal(a, b) for a, b in zip(before, [t for lst in lists for t in lst]))
     assert call() == 0  # and the same arguments within range step
     assert not torch.equal(before[0], lists[0][0])
+
+
+def _tasks(shapes, dtype, threads):
+    """Which of these tensors the one call steps whole on one thread (its "tasks", am_adamw_step_tasks)."""
+    n = len(shapes)
+    numel = (ctypes.c_int64 * n)(*[math.prod(s) for s in shapes])
+    marks = (ctypes.c_ubyte * n)()
+    count = cpu_build.library().am_adamw_step_tasks(64 if dtype == torch.float64 else 32, threads, n, numel, marks)
+    assert count == sum(marks)
+    return list(marks)
+
+
+# A three-chunk tensor that is a task (three, so that the order its chunk sums are added in shows in the
+# bits) beside a 33-chunk one that takes the two shared passes; sixteen three-chunk tasks and nothing else;
+# the table's shapes (tasks and the shared passes, one-chunk tasks).
+_MIXED = [(140000,), (33,), (3000, 700), (64, 33), (1,)]
+_ALL_TASKS = [(140000,)] * 15 + [(131073,)]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shapes,expected", [(_MIXED, [1, 1, 0, 1, 1]), (_ALL_TASKS, [1] * 16), (_SHAPES, [1, 1, 0, 1, 1, 1])],
+                         ids=["mixed", "all-tasks", "table"])
+def test_tensors_stepped_whole_on_one_thread_give_the_bits_of_the_two_calls(shapes, expected, dtype, threads):
+    """The tasks sum their chunks into the slots the shared pass uses and add them in the same order, so
+    the bits cannot depend on which path a tensor takes or which thread takes it.  The default case: its
+    coefficients are not clipped, so a last bit of a sum reaches the float64 parameters (adding a task's
+    chunk sums last to first fails here)."""
+    assert _tasks(shapes, dtype, threads) == expected
+    case = CASES["default"]
+    one = _run(case, dtype, True, threads=threads, steps=3, shapes=shapes)
+    two = _run(case, dtype, False, threads=threads, steps=3, shapes=shapes)
+    assert one[3] == 3
+    _assert_same_bits(one, two)
+
+
+def test_the_task_rule():
+    """At most 8 MB per array (2M float32 elements), and at most 1 / (4 x threads) of the step's elements,
+    so that the threads finish together; a bad argument writes nothing and returns -1."""
+    assert _tasks([(2 << 20,)] * 16, torch.float32, 2) == [1] * 16
+    assert _tasks([((2 << 20) + 1,)] * 16, torch.float32, 2) == [0] * 16
+    assert _tasks([(2 << 20,)] * 16, torch.float64, 2) == [0] * 16  # 16 MB of float64
+    assert _tasks([(100,)] * 7 + [(1,)], torch.float32, 2) == [0] * 7 + [1]  # 100 > 701 / 8
+    assert _tasks([(100,)] * 8, torch.float32, 2) == [1] * 8
+    assert _tasks([(100,)] * 8, torch.float32, 3) == [0] * 8
+    lib = cpu_build.library()
+    marks = (ctypes.c_ubyte * 2)(7, 7)
+    assert lib.am_adamw_step_tasks(16, 2, 2, (ctypes.c_int64 * 2)(1, 1), marks) == -1
+    assert lib.am_adamw_step_tasks(32, 2, 2, (ctypes.c_int64 * 2)(1, -1), marks) == -1
+    assert lib.am_adamw_step_tasks(32, 2, -1, (ctypes.c_int64 * 2)(1, 1), marks) == -1
+    assert list(marks) == [7, 7]
