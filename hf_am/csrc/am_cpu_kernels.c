@@ -425,11 +425,12 @@ ADAMW_BETWEEN(double, adamw_between_f64)
 /* Tensors the one call steps whole on one thread, sums then update ("tasks"), so that the update finds
  * g, m and v where the sums pass left them, in the caches.  Every tensor is its own scope in the one call,
  * so a tensor's coefficient needs its own sums only.  Measured on the 2-core EPYC of benchmarks/RESULTS.md
- * (32 MB L3): against both passes over all tensors, 1.60x -> 1.35x fused AdamW at 25M in LLaMA-like shapes
- * and 1.38x -> 1.18x at 101M; equal 4 MB tensors gained most, 16 MB ones little.  A task's chunks are the
- * chunks of the two passes, summed into their slots and added in chunk order, so the bits are those of
- * the two passes whichever thread takes the tensor.  Larger tensors, and tensors too large a share of the
- * step for the threads to finish together, take both passes with all threads as before. */
+ * (round 6, 32 MB L3), against both passes over all tensors in the same rounds: 1.55-1.71x -> 1.39-1.52x
+ * fused AdamW at 25M in LLaMA-like shapes, 1.47-1.48x -> 1.27-1.38x at 101M.  The 8 MB limit comes from a
+ * one-off sweep of equal tensors with a prototype: 4 MB arrays gained most, 16 MB ones little.  A task's
+ * chunks are the chunks of the two passes, summed into their slots and added in chunk order, so the bits
+ * are those of the two passes whichever thread takes the tensor.  Larger tensors, and tensors too large a
+ * share of the step for the threads to finish together, take both passes with all threads as before. */
 #define AM_TASK_BYTES ((int64_t)8 << 20) /* one array of the tensor (8 MB: 2M float32 elements) */
 #define AM_TASK_SHARE 4                  /* at most 1 / (4 x threads) of the step's elements */
 

@@ -2,7 +2,8 @@
 ``AMOptimizer._whole_step_in_one_call`` allows it) against the two-call step it replaces: the same bits in
 parameters, every state entry and the statistics, over a table of configurations that reach every branch
 of the C code between the passes (restart, clip, per-scope hyperparameters, merged groups, changing and
-zero learning rates, non-finite gradients, parameters without gradients), for float32 and float64; the
+zero learning rates, non-finite gradients, parameters without gradients), for float32 and float64, with
+tensors stepped whole on one thread ("tasks") and tensors that take the shared passes side by side; the
 cases that need Python between the passes keep the two calls; and bad arguments are refused before the C
 code reads them."""
 
