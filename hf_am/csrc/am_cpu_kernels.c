@@ -221,6 +221,14 @@ typedef struct {
     const unsigned char *skip; /* skip[i]: tensor i is left out (NULL: none) */
 } Shared;
 
+/* Run `fn` on chunk `c` (global index) of tensor `i`, whose chunks start at first[i]: elements
+ * [(c - first[i]) * AM_CHUNK, +AM_CHUNK) clipped to the tensor. */
+static void run_chunk(RangeFn fn, const Work *w, int64_t i, int64_t c, const int64_t *first, double *out) {
+    const int64_t lo = (c - first[i]) * AM_CHUNK;
+    const int64_t hi = lo + AM_CHUNK < w->numel[i] ? lo + AM_CHUNK : w->numel[i];
+    fn(w, i, lo, hi, out);
+}
+
 static void *run_chunks(void *arg) {
     Shared *sh = (Shared *)arg;
     const Work *w = &sh->work;
@@ -235,9 +243,7 @@ static void *run_chunks(void *arg) {
             while (sh->first[i + 1] <= c) ++i; /* a thread takes its chunks in increasing order */
         }
         if (sh->skip && sh->skip[i]) continue;
-        int64_t lo = (c - sh->first[i]) * AM_CHUNK;
-        int64_t hi = lo + AM_CHUNK < w->numel[i] ? lo + AM_CHUNK : w->numel[i];
-        sh->fn(w, i, lo, hi, sh->chunk_out ? sh->chunk_out + 3 * c : NULL);
+        run_chunk(sh->fn, w, i, c, sh->first, sh->chunk_out ? sh->chunk_out + 3 * c : NULL);
     }
     return NULL;
 }
@@ -271,10 +277,12 @@ static void run_team(void *(*fn)(void *), void *arg, int threads) {
 #endif
 }
 
+/* Teams of 1 to 64 threads (the pthread fallback's table holds 64). */
+static int clamp_threads(int threads) { return threads < 1 ? 1 : threads > 64 ? 64 : threads; }
+
 /* The team size for `total` elements on up to `threads` threads, `units` pieces of work at most. */
 static int team_size(int64_t total, int threads, int64_t units) {
-    if (threads < 1) threads = 1;
-    if (threads > 64) threads = 64;
+    threads = clamp_threads(threads);
     if (total < AM_MIN_PER_THREAD * (int64_t)threads) threads = (int)(total / AM_MIN_PER_THREAD) + 1;
     if (threads > units) threads = units > 0 ? (int)units : 1;
     return threads;
@@ -451,21 +459,17 @@ static void *run_tasks(void *arg) {
     for (;;) {
         int64_t k = __atomic_fetch_add(&t->next, 1, __ATOMIC_RELAXED);
         if (k >= t->n_tasks) break;
-        const int64_t i = t->order[k], numel = t->sums->numel[i];
+        const int64_t i = t->order[k];
         /* Sums last chunk to first, so the update, first to last, starts on what the sums read last. */
         for (int64_t c = t->first[i + 1] - 1; c >= t->first[i]; --c) {
-            int64_t lo = (c - t->first[i]) * AM_CHUNK, hi = lo + AM_CHUNK < numel ? lo + AM_CHUNK : numel;
             double *o = t->chunk_out + 3 * c;
             o[0] = o[1] = o[2] = 0.0;
-            t->sums_fn(t->sums, i, lo, hi, o);
+            run_chunk(t->sums_fn, t->sums, i, c, t->first, o);
         }
         for (int64_t c = t->first[i]; c < t->first[i + 1]; ++c)
             for (int j = 0; j < 3; ++j) t->sums_out[3 * i + j] += t->chunk_out[3 * c + j];
         t->between(t->args, i, t->sums_out + 3 * i, t->keep, t->weight, t->step);
-        for (int64_t c = t->first[i]; c < t->first[i + 1]; ++c) {
-            int64_t lo = (c - t->first[i]) * AM_CHUNK, hi = lo + AM_CHUNK < numel ? lo + AM_CHUNK : numel;
-            t->update_fn(t->update, i, lo, hi, NULL);
-        }
+        for (int64_t c = t->first[i]; c < t->first[i + 1]; ++c) run_chunk(t->update_fn, t->update, i, c, t->first, NULL);
     }
     return NULL;
 }
@@ -477,7 +481,7 @@ int64_t am_adamw_step_tasks(int dtype_bits, int threads, int64_t n, const int64_
     if ((dtype_bits != 32 && dtype_bits != 64) || n < 0) return -1;
     for (int64_t i = 0; i < n; ++i)
         if (numel[i] < 0) return -1;
-    const int64_t elem = dtype_bits == 64 ? 8 : 4, team = threads < 1 ? 1 : threads > 64 ? 64 : threads;
+    const int64_t elem = dtype_bits == 64 ? 8 : 4, team = clamp_threads(threads);
     int64_t total = 0, n_tasks = 0;
     for (int64_t i = 0; i < n; ++i) total += numel[i];
     const int64_t share_bytes = total / (AM_TASK_SHARE * team) * elem;
