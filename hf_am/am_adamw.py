@@ -7,6 +7,7 @@ of both phases to the path :func:`hf_am.planning.choose_path` picked.
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -211,11 +212,10 @@ class AMAdamW(AMOptimizer):
         """``(StepCoefficients, writes)`` of a step run as one C call; the per-tensor scalars it is given
         are the ones :meth:`_partial_sums` and :func:`_update_fused` compute, from the same functions."""
         states, exp_avgs, exp_avg_sqs = self._lists(run)
-        steps, prods = _counts_and_products(states)
         group = run.group
         beta2, eps, lr = group["betas"][1], group["eps"], group["lr"]
         acc = accumulation_dtype(run.local_params[0].dtype)
-        bias2_sqrt, d_scale, eps_scaled = multi_tensor.adamw_bias_terms(steps, prods, eps, beta2, acc)
+        steps, prods, bias2_sqrt, d_scale, eps_scaled = _step_scalars(run.kernels, states, beta2, eps, acc)
         # scope_sums' weights: eta for A and C, eta + eta' for B (the linear estimate), per member group
         weights = tuple((float(lr_m), float(lr_m + prev), len(m.params)) for m, (lr_m, prev) in zip(members, lrs))
         eta, eta_b = self._device_constants.get(("one-call lr weights", tuple((a.hex(), b.hex(), k) for a, b, k in weights)),
@@ -234,17 +234,19 @@ class AMAdamW(AMOptimizer):
     def _partial_sums(self, plan: GroupPlan) -> torch.Tensor:
         """Phase 1 reads only (state changes in phase 2), so a step that raises before phase 2 changes nothing."""
         states, exp_avgs, exp_avg_sqs = self._lists(plan)
-        # Per-tensor scalars as vectors: one stack each instead of an op per tensor (on CPU a foreach
-        # op on 0-d tensors dispatches once per tensor).  This step's count is stored in phase 2.
-        steps, prods = _counts_and_products(states)
         beta2, eps = plan.group["betas"][1], plan.group["eps"]
-        if plan.path is Path.REFERENCE:
-            sums, scratch = reference.adamw_sums(plan.local_grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps)
+        if plan.path is Path.FUSED:
+            acc = accumulation_dtype(plan.local_grads[0].dtype)
+            steps, prods, *terms = _step_scalars(plan.kernels, states, beta2, eps, acc)
+            sums, scratch = _sums_fused(plan.kernels, plan.local_grads, exp_avgs, exp_avg_sqs, beta2, *terms)
         else:
-            args = (plan.local_params, plan.local_grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps)
-            if plan.path is Path.FUSED:
-                sums, scratch = _sums_fused(plan.kernels, *args)
+            # Per-tensor scalars as vectors: one stack each instead of an op per tensor (on CPU a foreach
+            # op on 0-d tensors dispatches once per tensor).  This step's count is stored in phase 2.
+            steps, prods = _counts_and_products(states)
+            if plan.path is Path.REFERENCE:
+                sums, scratch = reference.adamw_sums(plan.local_grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps)
             else:
+                args = (plan.local_params, plan.local_grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps)
                 sums, scratch = multi_tensor.adamw_sums(*args)
         plan.scratch = (scratch, steps, prods, (states, exp_avgs, exp_avg_sqs))
         return sums
@@ -278,6 +280,23 @@ class AMAdamW(AMOptimizer):
 def _counts_and_products(states) -> Tuple[torch.Tensor, torch.Tensor]:
     """This step's counts (stored in phase 2) and the products of coefficients so far, one vector each."""
     return torch.stack([s["step"] for s in states]) + 1.0, torch.stack([s[PROD] for s in states])
+
+
+_STEP, _PROD = operator.itemgetter("step"), operator.itemgetter(PROD)
+
+
+def _step_scalars(kernels, states, beta2: float, eps: float, acc: torch.dtype) -> Tuple[torch.Tensor, ...]:
+    """``(counts, products, c, d_scale, eps')`` of a step on a compiled kernel set: what
+    :func:`_counts_and_products` and :func:`hf_am.multi_tensor.adamw_bias_terms` give, in one library call
+    where the set offers ``adamw_scalars`` and takes these state tensors (the C set, for plain one-element
+    CPU tensors of ``acc``); else from those definitions."""
+    scalars = getattr(kernels, "adamw_scalars", None)
+    if scalars is not None:
+        out = scalars(list(map(_STEP, states)), list(map(_PROD, states)), beta2, eps, acc)
+        if out is not None:
+            return tuple(out.unbind(0))
+    steps, prods = _counts_and_products(states)
+    return (steps, prods, *multi_tensor.adamw_bias_terms(steps, prods, eps, beta2, acc))
 
 
 def _decay_factor(lr, weight_decay) -> torch.Tensor:
@@ -317,9 +336,7 @@ class _FusedPhase1(NamedTuple):
     beta2: float
 
 
-def _sums_fused(kernels, params, grads, exp_avgs, exp_avg_sqs, steps, prods, beta2, eps):
-    acc = accumulation_dtype(grads[0].dtype)
-    bias2_sqrt, d_scale, eps_scaled = multi_tensor.adamw_bias_terms(steps, prods, eps, beta2, acc)
+def _sums_fused(kernels, grads, exp_avgs, exp_avg_sqs, beta2, bias2_sqrt, d_scale, eps_scaled):
     sums = kernels.adamw_sums(grads, exp_avgs, exp_avg_sqs, beta2, eps_scaled, d_scale)
     return sums.double() * bias2_sqrt.double().unsqueeze(1), _FusedPhase1(kernels, bias2_sqrt, eps_scaled, beta2)
 

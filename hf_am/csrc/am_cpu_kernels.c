@@ -194,6 +194,47 @@ int am_coefficients(int64_t n, const double *sums, const double *hyper, int64_t 
     return 0;
 }
 
+/* ------------------------------------------------------------- per-tensor scalars */
+/* AM-AdamW's per-tensor scalars of a step, read from each tensor's step count and product of applied
+ * coefficients (one-element tensors of the parameter type T, passed by address): the definitions are
+ * hf_am.am_adamw._counts_and_products and hf_am.multi_tensor.adamw_bias_terms, which are ~10 torch ops
+ * on vectors of a few dozen numbers, every step, costing more host time than the rest of a small model's
+ * one-call step outside the kernel.  Written to `out` (5 x n values of T): the count t = step + 1, the
+ * product, c = sqrt(1 - beta2^t), d's scale 1 / (1 - product) (0 where the product is not below 1: no
+ * momentum yet) and eps' = eps c, each operation in T as torch rounds it (beta2 and eps rounded to T
+ * first).  One difference: beta2^t is libm's double pow (rounded once to float for float32), where torch's
+ * vector pow is within an ulp of it (tests/unit/test_step_scalars.py holds the two to that). */
+static float am_pow_f32(float base, float t) { return (float)pow((double)base, (double)t); }
+#define ADAMW_SCALARS(T, POW, SQRT, NAME)                                                                      \
+    __attribute__((noinline, optimize("fp-contract=off")))                                                     \
+    static void NAME(int64_t n, void **steps, void **prods, double beta2, double eps, T *out) {                \
+        const T base = (T)beta2, e = (T)eps, one = (T)1;                                                     \
+        for (int64_t i = 0; i < n; ++i) {                                                                    \
+            const T t = *(const T *)steps[i] + one, prod = *(const T *)prods[i];                             \
+            const T c = SQRT(one - POW(base, t));                                                            \
+            out[i] = t;                                                                                      \
+            out[n + i] = prod;                                                                               \
+            out[2 * n + i] = c;                                                                              \
+            out[3 * n + i] = prod < one ? one / (one - prod) : (T)0;                                         \
+            out[4 * n + i] = e * c;                                                                          \
+        }                                                                                                    \
+    }
+ADAMW_SCALARS(float, am_pow_f32, sqrtf, adamw_scalars_f32)
+ADAMW_SCALARS(double, pow, sqrt, adamw_scalars_f64)
+
+/* Return 0 on success, 2 for arguments out of range (a dtype other than 32/64 bits, n < 0, a NULL address),
+ * before anything is written.  Each address must hold one value of the parameter type. */
+int am_adamw_scalars(int dtype_bits, int64_t n, void **steps, void **prods, double beta2, double eps, void *out) {
+    if ((dtype_bits != 32 && dtype_bits != 64) || n < 0 || (n > 0 && (!steps || !prods || !out))) return 2;
+    for (int64_t i = 0; i < n; ++i)
+        if (!steps[i] || !prods[i]) return 2;
+    if (dtype_bits == 64)
+        adamw_scalars_f64(n, steps, prods, beta2, eps, (double *)out);
+    else
+        adamw_scalars_f32(n, steps, prods, beta2, eps, (float *)out);
+    return 0;
+}
+
 /* ------------------------------------------------------------------ threading */
 /* Work is cut into chunks of at most AM_CHUNK elements of one tensor, fixed by the tensor sizes
  * alone, and the threads take chunks in turn from a shared counter.  A thread that loses its

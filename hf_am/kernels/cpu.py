@@ -9,6 +9,7 @@ ZeRO-Offload).  Each phase is one pass over each tensor, split over threads.
 from __future__ import annotations
 
 import ctypes
+import operator
 import threading
 from collections import OrderedDict
 from typing import List, Optional, Sequence
@@ -189,6 +190,44 @@ def sgd_update(params, grads, buffers, weight_decay: float, weight, step) -> Non
         call.doubles(weight), call.doubles(step),
     )  # fmt: skip
     _check(status, "am_sgd_update")
+
+
+_DTYPE, _IS_CPU = operator.attrgetter("dtype"), operator.attrgetter("is_cpu")
+
+
+def adamw_scalars(steps: Sequence[torch.Tensor], prods: Sequence[torch.Tensor], beta2: float, eps: float,
+                  dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """AM-AdamW's per-tensor scalars of a step from the tensors' step counts and products of applied
+    coefficients, in one C call: a ``(5, n)`` tensor of ``dtype`` with the rows ``t = step + 1``, the
+    product, ``c = sqrt(1 - beta2^t)``, d's scale ``1 / (1 - product)`` (0 where the product is not below 1)
+    and ``eps * c`` (the definitions: AM-AdamW's ``_counts_and_products`` and
+    :func:`hf_am.multi_tensor.adamw_bias_terms`; ``beta2^t`` here is libm's double ``pow``, rounded once to
+    float32 for float32, and torch's is within an ulp of it).
+
+    Returns ``None`` when a tensor is anything but a plain one-element CPU tensor of ``dtype`` (float32 or
+    float64), or the library is unavailable: the caller then runs the torch definitions, which accept any
+    floating dtype.  The C code reads one value of ``dtype`` at each tensor's address, so every tensor is
+    checked here first, every step: the optimizer's gate compares these state objects by identity only.
+    """
+    n = len(steps)
+    if dtype not in DTYPES or n == 0 or len(prods) != n:
+        return None
+    tensors = (*steps, *prods)
+    if set(map(type, tensors)) != {torch.Tensor} or set(map(_DTYPE, tensors)) != {dtype}:
+        return None
+    if not all(map(_IS_CPU, tensors)) or set(map(torch.Tensor.numel, tensors)) != {1} or any(map(torch.Tensor.is_neg, tensors)):
+        return None  # is_neg: a lazily negated view holds the value un-negated in memory
+    lib = library()
+    if lib is None:
+        return None
+    out = torch.empty(5, n, dtype=dtype)
+    status = lib.am_adamw_scalars(
+        64 if dtype == torch.float64 else 32, n, _array(ctypes.c_void_p, tuple(map(torch.Tensor.data_ptr, steps))),
+        _array(ctypes.c_void_p, tuple(map(torch.Tensor.data_ptr, prods))), float(beta2), float(eps), out.data_ptr(),
+    )  # fmt: skip
+    if status != 0:
+        raise RuntimeError(f"hf_am CPU kernel am_adamw_scalars refused its arguments (status {status}); nothing was changed")
+    return out
 
 
 def step_coefficients(sums: torch.Tensor, hyper: torch.Tensor, has_threshold: bool, loss_delta: Optional[torch.Tensor]):

@@ -42,7 +42,9 @@ class KernelSet(Protocol):
     Optional (not part of the protocol): ``step_coefficients(sums, hyper, has_threshold,
     loss_delta)``, the coefficients of all scopes with the bits of
     :func:`hf_am.coefficient.step_coefficients` (the C set has it; where a set lacks it, the
-    optimizer runs that definition).
+    optimizer runs that definition).  ``adamw_scalars(steps, prods, beta2, eps, dtype)``, AM-AdamW's
+    per-tensor counts, products and bias terms from the one-element state tensors in one call, or ``None``
+    for tensors it does not take (the C set has it; elsewhere, and on ``None``, the torch definitions run).
     """
 
     NAME: str
