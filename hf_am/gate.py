@@ -3,7 +3,9 @@
 The compiled kernels (:mod:`hf_am.kernels`) walk raw memory with one element
 count per parameter, so a state tensor of another dtype or size (``model.double()``
 after a few steps, ``load_state_dict`` from a model of other shapes) would be read
-or written out of bounds.  :func:`check_step_tensors` runs for every path, before
+or written out of bounds, and so would a tensor whose storage was freed or shrunk under it
+(``untyped_storage().resize_(0)``, as FSDP does to unsharded parameters; torch's own ops crash on
+one).  :func:`check_step_tensors` runs for every path, before
 phase 1, so any mismatch is a ``RuntimeError`` naming the parameter (group and
 index), the tensor and what was expected, and a refused step changes nothing.
 
@@ -12,8 +14,8 @@ writes the messages; :func:`_all_fit` accepts the common case in bulk (lists of
 shapes, dtypes and devices compared whole, in C-level ``map`` loops) and hands
 anything it does not accept to the walk.  It accepts nothing the walk would refuse
 (tests/unit/test_gate_bulk.py holds the two to each other), and it is what most
-steps run: at the tiny recipe's 21 tensors ~110 us a step against the walk's ~210 us
-(measured in isolation on the 2-core CPU).
+steps run: at the tiny recipe's 21 tensors 80-145 us a step against the walk's ~650 us
+(measured in isolation on the 2-core CPU, whose timings vary up to 2x between minutes).
 
 Cost: attribute reads, no device access (no host sync on GPUs); measured in
 ``benchmarks/step_profile.py`` and ``benchmarks/gate_cost.py``.
@@ -23,10 +25,11 @@ from __future__ import annotations
 
 import operator
 from itertools import repeat
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
+from .kernels.interface import inside_storage
 from .sharding import DTensor, local_view
 
 
@@ -63,25 +66,30 @@ def _walk(optimizer, plan) -> None:
 
 
 _SHAPE, _DTYPE, _DEVICE = operator.attrgetter("shape"), operator.attrgetter("dtype"), operator.attrgetter("device")
+_OWN_BYTES, _ITEMSIZE = operator.attrgetter("nbytes"), operator.attrgetter("itemsize")
 
 
 def _all_fit(optimizer, plan) -> bool:
     """True when :func:`_walk` would find nothing to refuse, decided in bulk; False sends the plan to it.
 
-    Accepts only: gradients of their parameters' shapes, dtypes and devices; parameters contiguous
-    or without shared elements; either no parameter with state yet, or every one with all its
-    per-element state fitting (checked every step: the kernels walk it) and the same one-element
-    state objects as when the walk last accepted this group.  The one-element state (step counts,
-    coefficients) meets torch ops only, never the compiled kernels, so it needs checking again only
-    when an entry is another object (a loaded or assigned state) or a parameter moved to another
-    device; one changed in place through ``.data``/``set_`` (which neither torch nor hf_am does to
-    optimizer state) is not checked again, and torch's ops handle it as any tensor.
+    Accepts only: gradients of their parameters' shapes, dtypes and devices; parameters, gradients and
+    per-element state contiguous and inside their storage (every step, since a storage can be freed
+    under an unchanged tensor object: the kernels walk these); either no parameter with state yet, or
+    every one with all its per-element state fitting and the same one-element state objects as when
+    the walk last accepted this group.  The one-element state (step counts, coefficients) needs
+    checking again only when an entry is another object (a loaded or assigned state) or a parameter
+    moved to another device: it meets torch ops, and the one C function that reads it
+    (:func:`hf_am.kernels.cpu.adamw_scalars`) checks dtype, size and storage itself every step.  One
+    changed in place through ``.data``/``set_`` or with its storage freed (which neither torch nor
+    hf_am does to optimizer state) is not checked again here: torch's ops meet it as torch's own
+    optimizers do (checking ~100 one-element tensors a step would cost ~45 us at the tiny recipe).
     """
     lps, lgs = plan.local_params, plan.local_grads
     shapes, dtypes, devices = list(map(_SHAPE, lps)), list(map(_DTYPE, lps)), list(map(_DEVICE, lps))
     if list(map(_SHAPE, lgs)) != shapes or list(map(_DTYPE, lgs)) != dtypes or list(map(_DEVICE, lgs)) != devices:
         return False
-    if not all(map(torch.Tensor.is_contiguous, lps)) and any(_overlaps(lp) for lp in lps if not lp.is_contiguous()):
+    own_bytes, itemsizes = list(map(_OWN_BYTES, lps)), list(map(_ITEMSIZE, lps))  # the same for grads and state
+    if not inside_storage(lps, own_bytes, itemsizes) or not inside_storage(lgs, own_bytes, itemsizes):
         return False
     states = list(map(optimizer.state.get, plan.params))
     if not any(states):
@@ -99,9 +107,32 @@ def _all_fit(optimizer, plan) -> bool:
         if tensors is None:
             return False
         if tensors and (list(map(_SHAPE, tensors)) != shapes or list(map(_DTYPE, tensors)) != dtypes
-                        or list(map(_DEVICE, tensors)) != devices):  # fmt: skip
+                        or list(map(_DEVICE, tensors)) != devices or not inside_storage(tensors, own_bytes, itemsizes)):  # fmt: skip
             return False
     return True
+
+
+_STORAGE_HINT = ("Reading it would read freed memory (its storage was resized, e.g. untyped_storage().resize_(0)): "
+                 "restore its storage or give it a materialised tensor.")
+_LAYOUT_HINT = "The optimizer's paths read dense strided memory: give it a dense tensor (.to_dense())."
+
+
+def _storage_problem(t: torch.Tensor) -> Optional[Tuple[str, str]]:
+    """``(what was found, hint)`` for a tensor not strided or not all inside its storage, or ``None``.
+    A tensor subclass without a storage of its own (a wrapper subclass) is left to its own ops."""
+    if t.layout != torch.strided:
+        return f"layout {t.layout}", _LAYOUT_HINT
+    if t.numel() == 0:
+        return None
+    try:
+        held = t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    last = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    needed = (last + 1) * t.element_size()
+    if needed > held:
+        return f"a storage of {held} bytes where its elements need {needed}", _STORAGE_HINT
+    return None
 
 
 def _local_state(states, name) -> Optional[List[torch.Tensor]]:
@@ -160,6 +191,8 @@ def _check_one(optimizer, plan, i: int, lp: torch.Tensor, lg: torch.Tensor, stat
             optimizer, plan, i, "its gradient", _describe(lg), _describe(lp),
             "A gradient must have its parameter's shape, dtype and device.",
         )  # fmt: skip
+    for name, t in (("the parameter", lp), ("its gradient", lg)):
+        _check_storage(optimizer, plan, i, name, t)
     if not state:
         return
     for name in optimizer.required_scalar_state:
@@ -170,6 +203,7 @@ def _check_one(optimizer, plan, i: int, lp: torch.Tensor, lg: torch.Tensor, stat
                 raise _mismatch(optimizer, plan, i, "its state", f"no {missing}", f"the keys {list(optimizer.required_scalar_state)}", _STATE_HINT)
             found = f"device {t.device}" if isinstance(t, torch.Tensor) and t.numel() == 1 and t.is_floating_point() else repr(t)[:80]
             raise _mismatch(optimizer, plan, i, f"state {name!r}", found, f"a one-element floating tensor on {device}", _STATE_HINT)
+        _check_storage(optimizer, plan, i, f"state {name!r}", local_view(t))
     _check_state_tensors(optimizer, plan, i, lp, state, shape, dtype, device)
 
 
@@ -184,3 +218,10 @@ def _check_state_tensors(optimizer, plan, i: int, lp: torch.Tensor, state, shape
         lt = local_view(t)
         if lt.shape != shape or lt.dtype != dtype or lt.device != device:
             raise _mismatch(optimizer, plan, i, f"state {name!r}", _describe(lt), _describe(lp), _STATE_HINT)
+        _check_storage(optimizer, plan, i, f"state {name!r}", lt)
+
+
+def _check_storage(optimizer, plan, i: int, name: str, t: torch.Tensor) -> None:
+    problem = _storage_problem(t)
+    if problem is not None:
+        raise _mismatch(optimizer, plan, i, name, problem[0], "a strided tensor whose elements all lie inside its storage", problem[1])

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .cpu_build import build_error, library
-from .interface import TensorLists, tensor_problem
+from .interface import TensorLists, inside_storage, tensor_problem
 
 NAME = "cpu"  # the C kernels
 DTYPES = (torch.float32, torch.float64)
@@ -220,6 +220,13 @@ def adamw_scalars(steps: Sequence[torch.Tensor], prods: Sequence[torch.Tensor], 
     lib = library()
     if lib is None:
         return None
+    if not inside_storage(tensors):  # a declined call would send them to torch ops, which crash on them too
+        bad = next(i for i, t in enumerate(tensors) if not inside_storage((t,)))
+        kind, which = ("step count", bad) if bad < n else ("product of coefficients", bad - n)
+        raise RuntimeError(
+            f"AM-AdamW's {kind} of tensor {which} of this call lies outside its storage (freed or shrunk under it, "
+            "e.g. untyped_storage().resize_()): give the state a materialised tensor. Nothing was changed."
+        )
     out = torch.empty(5, n, dtype=dtype)
     status = lib.am_adamw_scalars(
         64 if dtype == torch.float64 else 32, n, _array(ctypes.c_void_p, tuple(map(torch.Tensor.data_ptr, steps))),

@@ -74,6 +74,40 @@ def _expanded_param(opt, plan):
     plan.local_params[1] = torch.zeros(1).expand(p.shape)
 
 
+def _freed(t: torch.Tensor) -> torch.Tensor:
+    """A view of ``t``'s values one element into a storage that is then freed (data pointer not NULL)."""
+    base = torch.zeros(t.numel() + 1, dtype=t.dtype)
+    view = base[1:].view(t.shape)
+    base.untyped_storage().resize_(0)
+    return view
+
+
+def _one_element_past(t: torch.Tensor) -> torch.Tensor:
+    """A view of ``t``'s shape whose last element lies just past its storage (shrunk by one element)."""
+    base = torch.zeros(t.numel() + 1, dtype=t.dtype)
+    view = base[1:].view(t.shape)
+    base.untyped_storage().resize_(t.numel() * t.element_size())
+    return view
+
+
+def _state_storage_freed(opt, plan):
+    opt.state[plan.params[2]][opt.state_tensor_names[0]].untyped_storage().resize_(0)
+
+
+def _scalar_replaced_by_a_freed_view(opt, plan):
+    opt.state[plan.params[3]]["step"] = _freed(opt.state[plan.params[3]]["step"])  # another object: the walk
+
+
+def _param_storage_freed(opt, plan):
+    plan.local_params[1] = _freed(plan.local_params[1])
+
+
+def _state_sparse(opt, plan):
+    name = opt.state_tensor_names[0]
+    state = opt.state[plan.params[1]]
+    state[name] = state[name].to_sparse()
+
+
 # (name, damage, the walk refuses it)
 DAMAGES = [
     ("none", lambda opt, plan: None, False),
@@ -90,6 +124,13 @@ DAMAGES = [
     ("scalar_deleted", _scalar_deleted, True),
     ("one_state_emptied", lambda opt, plan: opt.state[plan.params[4]].clear(), False),
     ("expanded_parameter", _expanded_param, True),
+    ("grad_storage_freed", _grad(_freed), True),
+    ("param_storage_freed", _param_storage_freed, True),
+    ("state_tensor_storage_freed", _state_storage_freed, True),
+    ("state_tensor_sparse", _state_sparse, True),
+    ("scalar_replaced_by_a_freed_view", _scalar_replaced_by_a_freed_view, True),
+    ("grad_one_element_past_its_storage", _grad(_one_element_past), True),
+    ("grad_view_inside_a_larger_storage", _grad(lambda p: torch.zeros(p.numel() + 5)[3:-2].view(p.shape)), False),
 ]
 
 

@@ -115,6 +115,23 @@ def test_tensors_the_c_code_must_not_read_are_declined(case):
     assert not _declined()  # and the same call without the damage is taken
 
 
+def test_state_outside_its_storage_is_an_error_not_a_read_of_freed_memory():
+    """The C code reads one value at each address, so a step count or product whose storage was freed
+    under it (its data pointer then points at freed memory, or near NULL for a view) must raise, naming
+    which; declining would hand it to torch ops, which crash on it too.  Views inside a larger storage
+    are fine."""
+    big = torch.arange(6.0)
+    inside = [big[2], big[5]]  # views at offsets 2 and 5 of one storage
+    assert cpu.adamw_scalars(inside, [torch.tensor(0.5), torch.tensor(0.25)], 0.999, 1e-8, torch.float32)[0].tolist() == [3.0, 6.0]
+    base = torch.zeros(4)
+    freed = base[3]  # a view at offset 3: its data pointer stays non-NULL once the storage is freed
+    base.untyped_storage().resize_(0)
+    with pytest.raises(RuntimeError, match=r"product of coefficients of tensor 1 of this call lies outside its storage"):
+        cpu.adamw_scalars([torch.tensor(3.0), torch.tensor(4.0)], [torch.tensor(0.5), freed], 0.999, 1e-8, torch.float32)
+    with pytest.raises(RuntimeError, match=r"step count of tensor 0 .* Nothing was changed"):
+        cpu.adamw_scalars([freed, torch.tensor(4.0)], [torch.tensor(0.5), torch.tensor(0.5)], 0.999, 1e-8, torch.float32)
+
+
 def test_c_entry_point_refuses_bad_arguments_before_writing():
     lib = cpu_build.library()
     out = torch.full((5, 1), 7.0)
