@@ -156,16 +156,22 @@ def _run(model, opt, steps=6):
         opt.step()
 
 
+def _model_and_optimizer(path: str, one_call: bool):
+    """A small MLP and AM-AdamW on the fused (C) or the multi-tensor ("foreach") path, from one seed."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = hf_am.AMAdamW(model.parameters(), lr=1e-2, **({"fused": True} if path == "fused" else {"foreach": True}))
+    opt.one_call_step = one_call
+    return model, opt
+
+
 @pytest.mark.parametrize("one_call", [True, False], ids=["one-call", "two-calls"])
 def test_float64_scalar_state_of_float32_parameters_takes_the_definitions(one_call):
     """A state whose counts and products are float64 (loaded from elsewhere) is not read by the C code:
     the fused step runs the torch definitions for it, and trains as the multi-tensor path does."""
     runs = {}
     for path in ("fused", "foreach"):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-        opt = hf_am.AMAdamW(model.parameters(), lr=1e-2, **({"fused": True} if path == "fused" else {"foreach": True}))
-        opt.one_call_step = one_call
+        model, opt = _model_and_optimizer(path, one_call)
         _run(model, opt, 2)
         for state in opt.state.values():
             state["step"], state[PROD] = state["step"].double(), state[PROD].double()
@@ -183,10 +189,7 @@ def test_fused_steps_store_the_counts_and_products_of_the_definitions(one_call):
     applied, and the parameters agree with the multi-tensor path (which runs the torch definitions)."""
     results = {}
     for path in ("fused", "foreach"):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-        opt = hf_am.AMAdamW(model.parameters(), lr=1e-2, **({"fused": True} if path == "fused" else {"foreach": True}))
-        opt.one_call_step = one_call
+        model, opt = _model_and_optimizer(path, one_call)
         _run(model, opt, 8)
         results[path] = (model, opt)
     fused_model, fused = results["fused"]
