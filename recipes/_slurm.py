@@ -543,7 +543,13 @@ def _main(argv: list[str]) -> int:
         write_failed(run_dir, rc, time.time() - start, slurm_job_id=os.environ.get("SLURM_JOB_ID"),
                      slurm_node=os.environ.get("SLURMD_NODENAME"))
         return 0
-    print("usage: _slurm.py mark-failed RUN_DIR RETURNCODE START_EPOCH", file=sys.stderr)
+    usage = ("usage: _slurm.py mark-failed RUN_DIR RETURNCODE START_EPOCH\n\n"
+             "Called by the SLURM job scripts that scale_study.py writes: records a run that exited with\n"
+             "RETURNCODE as failed in RUN_DIR (not meant to be run by hand).")
+    if argv in (["--help"], ["-h"]):
+        print(usage)
+        return 0
+    print(usage, file=sys.stderr)
     return 2
 
 
