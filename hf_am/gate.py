@@ -29,7 +29,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .kernels.interface import inside_storage
+from .kernels.interface import byte_sizes, inside_storage
 from .sharding import DTensor, local_view
 
 
@@ -66,7 +66,6 @@ def _walk(optimizer, plan) -> None:
 
 
 _SHAPE, _DTYPE, _DEVICE = operator.attrgetter("shape"), operator.attrgetter("dtype"), operator.attrgetter("device")
-_OWN_BYTES, _ITEMSIZE = operator.attrgetter("nbytes"), operator.attrgetter("itemsize")
 
 
 def _all_fit(optimizer, plan) -> bool:
@@ -88,7 +87,7 @@ def _all_fit(optimizer, plan) -> bool:
     shapes, dtypes, devices = list(map(_SHAPE, lps)), list(map(_DTYPE, lps)), list(map(_DEVICE, lps))
     if list(map(_SHAPE, lgs)) != shapes or list(map(_DTYPE, lgs)) != dtypes or list(map(_DEVICE, lgs)) != devices:
         return False
-    own_bytes, itemsizes = list(map(_OWN_BYTES, lps)), list(map(_ITEMSIZE, lps))  # the same for grads and state
+    own_bytes, itemsizes = byte_sizes(lps)  # the same for grads and state
     if not inside_storage(lps, own_bytes, itemsizes) or not inside_storage(lgs, own_bytes, itemsizes):
         return False
     states = list(map(optimizer.state.get, plan.params))

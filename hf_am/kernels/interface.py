@@ -22,7 +22,7 @@ from __future__ import annotations
 import operator
 from itertools import chain
 from operator import attrgetter
-from typing import Optional, Protocol, Sequence, runtime_checkable
+from typing import List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
 
@@ -106,6 +106,12 @@ _HELD = torch.UntypedStorage.nbytes
 _OWN_BYTES, _ITEMSIZE = attrgetter("nbytes"), attrgetter("itemsize")
 
 
+def byte_sizes(tensors: Sequence[torch.Tensor]) -> Tuple[List[int], List[int]]:
+    """Each tensor's ``nbytes`` and ``itemsize``: :func:`inside_storage`'s optional arguments, the same for
+    lists of one shape and dtype (a parameter's gradient and state), so a caller reads them once."""
+    return list(map(_OWN_BYTES, tensors)), list(map(_ITEMSIZE, tensors))
+
+
 def inside_storage(tensors: Sequence[torch.Tensor], own_bytes=None, itemsizes=None) -> bool:
     """True when every tensor is contiguous and all its bytes lie inside its storage, decided in bulk
     (C-level ``map`` loops, ~0.5 us a tensor on CPU); False for anything else, to be looked at one
@@ -113,7 +119,7 @@ def inside_storage(tensors: Sequence[torch.Tensor], own_bytes=None, itemsizes=No
     and empty tensors, and names the tensor).  A storage freed or shrunk under a tensor
     (``untyped_storage().resize_()``, as FSDP does to unsharded parameters) leaves its data pointer
     pointing at freed memory, which compiled code, and torch's own ops, would read.
-    ``own_bytes``/``itemsizes``: the tensors' ``nbytes`` and ``itemsize`` where the caller has them."""
+    ``own_bytes``/``itemsizes``: the tensors' :func:`byte_sizes` where the caller has them."""
     try:
         if not all(map(torch.Tensor.is_contiguous, tensors)):
             return False
