@@ -14,6 +14,7 @@ add a little to every part; read the shares.
 
     python benchmarks/step_profile.py                      # tiny and small, 1 thread
     python benchmarks/step_profile.py --two-calls          # the phases as separate calls
+    python benchmarks/step_profile.py --scheduler          # a new lr every step, as under the Trainer
     python benchmarks/step_profile.py --sizes w512 --steps 50 --threads 2
 
 Prints one table per size (microseconds per step, share of the step), naming the machine.
@@ -104,7 +105,7 @@ def install(timers: Timers) -> None:
     timers.wrap(optimizer, "record_step", "recording statistics")
 
 
-def profile(size: str, steps: int, two_calls: bool = False) -> str:
+def profile(size: str, steps: int, two_calls: bool = False, scheduler: bool = False) -> str:
     import torch
 
     import hf_am
@@ -119,12 +120,19 @@ def profile(size: str, steps: int, two_calls: bool = False) -> str:
     am.one_call_step = not two_calls
     timers = Timers()
     install(timers)
-    for _ in range(5):
+    def new_lr(i: int) -> None:  # what a linear-decay scheduler writes into every group before a step
+        if scheduler:
+            for group in (*am.param_groups, *fused.param_groups):
+                group["lr"] = 1e-3 * (1.0 - i / (steps + 10))
+
+    for i in range(5):
+        new_lr(i)
         am.step()
         fused.step()
     per_step, fused_times, summary_times = [], [], []
     timers.reset()
-    for _ in range(steps):
+    for i in range(steps):
+        new_lr(5 + i)
         t0 = time.perf_counter_ns()
         am.step()
         t1 = time.perf_counter_ns()
@@ -140,7 +148,8 @@ def profile(size: str, steps: int, two_calls: bool = False) -> str:
     top_level = [k for k in parts if not k.startswith("  ")]
     rest = step_us - sum(parts[k] for k in top_level)
     lines = [f"### {size}: {n / 1e6:.2f}M parameters, {sum(len(g['params']) for g in groups)} tensors in 2 groups, "
-             f"{steps} steps, {'two calls' if two_calls else 'default (one call where it applies)'}", "",
+             f"{steps} steps, {'two calls' if two_calls else 'default (one call where it applies)'}"
+             f"{', a new lr every step' if scheduler else ''}", "",
              "| part | us per step | share of the AM step |", "|---|---|---|"]
     for k in timers.order:
         if k not in parts:  # never reached by this kind of step
@@ -163,6 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--two-calls", action="store_true",
                    help="profile the step with its phases as separate calls (one_call_step = False)")
+    p.add_argument("--scheduler", action="store_true",
+                   help="write a new lr into every group before each step, as the Trainer's lr scheduler does")
     args = p.parse_args(argv)
     import torch
 
@@ -170,7 +181,7 @@ def main(argv=None) -> int:
     print(describe("cpu"))
     print(f"`python benchmarks/step_profile.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n")
     for size in args.sizes:
-        print(profile(size, args.steps, args.two_calls), flush=True)
+        print(profile(size, args.steps, args.two_calls, args.scheduler), flush=True)
     return 0
 
 

@@ -59,15 +59,17 @@ def test_optimizer_overhead_writes_table_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10000
 
 
-@pytest.mark.parametrize("two_calls", [False, True], ids=["one-call", "two-calls"])
-def test_step_profile_names_every_part(two_calls):
+@pytest.mark.parametrize("flags", [[], ["--two-calls"], ["--scheduler"]], ids=["one-call", "two-calls", "scheduler"])
+def test_step_profile_names_every_part(flags):
     pytest.importorskip("transformers")
+    two_calls = "--two-calls" in flags
     script = ROOT / "benchmarks" / "step_profile.py"
-    proc = subprocess.run([sys.executable, str(script), "--sizes", "tiny", "--steps", "3"] + ["--two-calls"] * two_calls,
+    proc = subprocess.run([sys.executable, str(script), "--sizes", "tiny", "--steps", "3", *flags],
                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert out.startswith("CPU:")
+    assert (", a new lr every step" in out) == ("--scheduler" in flags)
     reached = ("C sums kernel", "C update kernel", "coefficient formula") if two_calls else ("one-call step", "C one-call kernel")
     for part in ("planning (plan_step)", "tensor gate", *reached, "recording statistics", "beta_summary_tensor()",
                  "AdamW fused step"):
