@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hf_am import AMAdamW, AMSGD
-from hf_am.hyperparameters import _only_a_valid_float_lr_changed
+from hf_am.hyperparameters import _lr_ok, _only_a_valid_float_lr_changed
 
 OPTIMIZERS = {"am_adamw": (AMAdamW, 1e-3), "am_sgd": (AMSGD, 0.1)}
 
@@ -109,3 +109,10 @@ def test_an_lr_that_is_not_a_python_float_takes_the_full_check(name, value, monk
 )
 def test_the_shortcut_accepts_exactly_a_lone_valid_float_lr(before, key, expected):
     assert _only_a_valid_float_lr_changed(before, key) is expected
+
+
+@pytest.mark.parametrize("lr", [0.0, -0.0, 5e-324, 1e-300, 1e-3, 1.0, 1e308, 1.7976931348623157e308, -5e-324, -1e-3,
+                                math.nan, -math.nan, math.inf, -math.inf])
+def test_the_shortcut_and_the_lr_rule_agree_on_every_float(lr):
+    """The shortcut tests a float lr inline, for speed; this holds it to the LR rule's own predicate."""
+    assert _only_a_valid_float_lr_changed((("lr", 0.5),), (("lr", lr),)) is _lr_ok(lr, None)
