@@ -12,6 +12,11 @@ of per-round differences).
 
     git worktree add /tmp/before <commit>
     python benchmarks/step_ab.py --before /tmp/before --sizes tiny small --rounds 800 --threads 2
+    python benchmarks/step_ab.py --before /tmp/before --sizes tiny --rounds 800 --threads 2 --as-trainer
+
+``--as-trainer`` times each step with what the Trainer adds around it every step: a new lr written into
+every group first (its lr scheduler) and, for AM-AdamW, ``beta_summary_tensor()`` read after it (hf_am's
+callback).
 
 Prints one table, naming the machine and both checkouts.
 """
@@ -55,7 +60,7 @@ def import_before(checkout: Path, workdir: Path):
     return importlib.import_module(BEFORE_PACKAGE)
 
 
-def measure(size: str, modules: dict, rounds: int) -> dict:
+def measure(size: str, modules: dict, rounds: int, as_trainer: bool = False) -> dict:
     import torch
     from step_profile import build
 
@@ -71,9 +76,16 @@ def measure(size: str, modules: dict, rounds: int) -> dict:
             opt.step()
     times = {name: [] for name in names}
     for r in range(rounds):
+        lr = 1e-4 * (1.0 - r / (2.0 * rounds))  # a linear decay: a new float every step, as a scheduler writes
         for name in names if r % 2 == 0 else reversed(names):
+            opt = steppers[name]
             t0 = time.perf_counter()
-            steppers[name].step()
+            if as_trainer:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+            opt.step()
+            if as_trainer and hasattr(opt, "beta_summary_tensor"):
+                opt.beta_summary_tensor()  # what hf_am's Trainer callback reads after every step
             times[name].append(time.perf_counter() - t0)
     return times
 
@@ -84,6 +96,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=["tiny", "small", "w512"])
     parser.add_argument("--rounds", type=int, default=600, help="steps of each optimizer per size (default 600)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--as-trainer", action="store_true",
+                        help="time each step as the Trainer runs it: a new lr written into every group before it (the "
+                             "lr scheduler) and, for AM-AdamW, beta_summary_tensor() read after it (hf_am's callback)")
     args = parser.parse_args(argv)
     if args.rounds < 4:
         parser.error(f"--rounds must be at least 4, got {args.rounds}")
@@ -98,12 +113,12 @@ def main(argv=None) -> int:
         print(describe("cpu"))
         print(f"after = {ROOT} at {_revision(ROOT)}; before = {args.before} at {_revision(args.before)}")
         print(f"`python benchmarks/step_ab.py --before {args.before} --sizes {' '.join(args.sizes)} "
-              f"--rounds {args.rounds} --threads {args.threads}`\n")  # fmt: skip
+              f"--rounds {args.rounds} --threads {args.threads}{' --as-trainer' if args.as_trainer else ''}`\n")  # fmt: skip
         print("| model | before: step us | after: step us | AdamW fused: step us | before: extra over fused | "
               "after: extra over fused | before - after (quartiles) |")  # fmt: skip
         print("|---|---|---|---|---|---|---|")
         for size in args.sizes:
-            times = measure(size, modules, args.rounds)
+            times = measure(size, modules, args.rounds, args.as_trainer)
             med = {k: statistics.median(v) * 1e6 for k, v in times.items()}
             extra = {k: statistics.median(a - f for a, f in zip(times[k], times["AdamW fused"])) * 1e6 for k in modules}
             saved = [b - a for a, b in zip(times["after"], times["before"])]
