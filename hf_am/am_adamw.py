@@ -149,7 +149,12 @@ class AMAdamW(AMOptimizer):
                     state[PROD] = torch.ones((), dtype=accumulation_dtype(lp.dtype), device=lp.device)
 
     def _lists(self, plan: GroupPlan):
-        states = [self.state[p] for p in plan.params]
+        """``(states, exp_avgs, exp_avg_sqs)`` of the plan's parameters (local views); the moments as the gate
+        read them where it did (``plan.state_tensors``: every parameter had both before this step)."""
+        states = list(map(self.state.__getitem__, plan.params))
+        checked = plan.state_tensors
+        if checked is not None and len(checked) == 2:
+            return (states, *checked)
         return (
             states,
             [local_view(s["exp_avg"]) for s in states],
@@ -187,8 +192,10 @@ class AMAdamW(AMOptimizer):
         group["weight_decay"] = self._device_constants.get(
             ("weight_decay", decays), lambda: torch.tensor(decays, dtype=torch.float64)
         )
+        complete = all(m.state_tensors is not None and len(m.state_tensors) == 2 for m in members)
         return GroupPlan(
             group=group,
+            state_tensors=[[t for m in members for t in m.state_tensors[k]] for k in range(2)] if complete else None,
             params=[p for m in members for p in m.params],
             local_params=[p for m in members for p in m.local_params],
             local_grads=[g for m in members for g in m.local_grads],
@@ -216,15 +223,12 @@ class AMAdamW(AMOptimizer):
         beta2, eps, lr = group["betas"][1], group["eps"], group["lr"]
         acc = accumulation_dtype(run.local_params[0].dtype)
         steps, prods, bias2_sqrt, d_scale, eps_scaled = _step_scalars(run.kernels, states, beta2, eps, acc)
-        # scope_sums' weights: eta for A and C, eta + eta' for B (the linear estimate), per member group
-        weights = tuple((float(lr_m), float(lr_m + prev), len(m.params)) for m, (lr_m, prev) in zip(members, lrs))
-        eta, eta_b = self._device_constants.get(("one-call lr weights", tuple((a.hex(), b.hex(), k) for a, b, k in weights)),
-                                                lambda: _per_tensor_columns(weights))
+        eta, eta_b, decay = _per_tensor_columns(members, lrs, lr)
         hyper, has_threshold = self._packed_hyperparameters(layout)
         coefficients, prods_new, _ = run.kernels.adamw_step(
             run.local_params, run.local_grads, exp_avgs, exp_avg_sqs, beta2=beta2, eps_scaled=eps_scaled,
             d_scale=d_scale, bias2_sqrt=bias2_sqrt, prods=prods, eta=eta, eta_b=eta_b,
-            decay=_decay_factor(lr, group["weight_decay"]),
+            decay=decay if decay is not None else _decay_factor(lr, group["weight_decay"]),
             neg_lr=float(-lr), has_restarts=has_restart_variant(group), scope_ids=run.scope_ids,
             n_scopes=layout.n_scopes, hyper=hyper, has_threshold=has_threshold,
         )  # fmt: skip
@@ -304,11 +308,20 @@ def _decay_factor(lr, weight_decay) -> torch.Tensor:
     return torch.as_tensor(1.0 - lr * weight_decay, dtype=torch.float64)
 
 
-def _per_tensor_columns(weights) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``eta`` and ``eta + eta'`` of each tensor, from ``(eta, eta + eta', tensor count)`` per group."""
-    eta = [a for a, _, k in weights for _ in range(k)]
-    eta_b = [b for _, b, k in weights for _ in range(k)]
-    return torch.tensor(eta, dtype=torch.float64), torch.tensor(eta_b, dtype=torch.float64)
+def _per_tensor_columns(members: List[GroupPlan], lrs, lr) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The one-call step's per-tensor float64 columns, built in one op from Python numbers (an lr scheduler
+    writes a new lr every step, so they are new every step): ``eta`` and ``eta + eta'`` (scope_sums'
+    weights of ``A``/``C`` and of ``B``, the linear estimate) from each member group's ``(lr, previous lr)``,
+    and the decay factor ``1 - lr * weight_decay`` of :func:`_decay_factor`, the same double arithmetic
+    (``None`` where a member's weight decay is not a Python number: that function then computes it)."""
+    decays = [m.group["weight_decay"] for m in members]
+    plain = all(type(wd) in (float, int) for wd in decays)
+    columns = [float(lr_m) for m, (lr_m, _) in zip(members, lrs) for _ in m.params]
+    columns += [float(lr_m + prev) for m, (lr_m, prev) in zip(members, lrs) for _ in m.params]
+    if plain:
+        columns += [1.0 - lr * wd for m, wd in zip(members, decays) for _ in m.params]
+    rows = torch.tensor(columns, dtype=torch.float64).view(3 if plain else 2, -1).unbind(0)
+    return rows[0], rows[1], rows[2] if plain else None
 
 
 def _merge_key(plan: GroupPlan) -> Optional[tuple]:

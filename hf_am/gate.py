@@ -51,11 +51,18 @@ _STATE_HINT = (
 )
 
 
-def check_plan_tensors(optimizer, plan) -> None:
+def check_plan_tensors(optimizer, plan) -> bool:
     """Raise when a gradient or state tensor of the group ``plan`` (a :class:`hf_am.planning.GroupPlan`)
-    does not fit its parameter; :func:`hf_am.planning.plan_step` calls it before choosing a path."""
-    if not _all_fit(optimizer, plan):
-        _walk(optimizer, plan)
+    does not fit its parameter; :func:`hf_am.planning.plan_step` calls it before choosing a path.
+
+    Returns True where the bulk check accepted the plan: then every gradient and per-element state tensor
+    is contiguous, as its parameter is, with the parameter's shape, dtype and device, and
+    ``plan.state_tensors`` holds the per-element state lists it read (what the path choice and the phases
+    would otherwise gather again).  False: the walk accepted it (other layouts, first sightings)."""
+    if _all_fit(optimizer, plan):
+        return True
+    _walk(optimizer, plan)
+    return False
 
 
 def _walk(optimizer, plan) -> None:
@@ -92,6 +99,7 @@ def _all_fit(optimizer, plan) -> bool:
         return False
     states = list(map(optimizer.state.get, plan.params))
     if not any(states):
+        plan.state_tensors = []
         return True
     if not all(states) or not all(map(isinstance, states, repeat(dict))):
         return False  # some parameters have state and some not (or a state is no dict): walk
@@ -101,6 +109,7 @@ def _all_fit(optimizer, plan) -> bool:
         return False
     if not all(map(operator.is_, seen[2], scalars)):
         return False
+    gathered = []
     for name in optimizer.state_tensor_names:
         tensors = _local_state(states, name)
         if tensors is None:
@@ -108,6 +117,9 @@ def _all_fit(optimizer, plan) -> bool:
         if tensors and (list(map(_SHAPE, tensors)) != shapes or list(map(_DTYPE, tensors)) != dtypes
                         or list(map(_DEVICE, tensors)) != devices or not inside_storage(tensors, own_bytes, itemsizes)):  # fmt: skip
             return False
+        if tensors:
+            gathered.append(tensors)
+    plan.state_tensors = gathered
     return True
 
 

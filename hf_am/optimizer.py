@@ -80,6 +80,7 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         self._load_count = 0  # part of the layout signature: a resumed run checks its layout again
         self._device_constants = DeviceConstants()
         self._scope_reps: Dict[Any, Dict[str, Any]] = {}
+        self._recorded_by = None  # hf_am.statistics.record_step: the kernel set that stored the latest statistics
         self._prev_loss_placeholder = False  # see step(): am_prev_loss of a state-initialising step
         self._gate_accepted: Dict[int, tuple] = {}  # hf_am.gate: the one-element state it accepted, per group
 
@@ -176,8 +177,11 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         # Everything that can refuse the step runs before anything changes (docs/algorithm.md §10);
         # plan_step has checked every tensor against its parameter (hf_am.gate).
         self._guard.check_new_layout(plans, layout)
-        new_state = [p for plan in plans for p in plan.params if not self.state.get(p)]
-        self._init_state(plans)
+        # Where the gate read per-element state of every parameter of a plan (plan.state_tensors), none of them
+        # is new; the others are looked at one parameter at a time.
+        fresh = [plan for plan in plans if not plan.state_tensors]
+        new_state = [p for plan in fresh for p in plan.params if not self.state.get(p)]
+        self._init_state(fresh)
         runs = self._phase_runs(plans)
         whole = self._whole_step_in_one_call(runs, layout)
         try:
@@ -325,6 +329,8 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         return [(plan, [plan]) for plan in plans]
 
     def _init_state(self, plans: List[GroupPlan]) -> None:
+        """Create the state of the parameters of ``plans`` that have none (step() passes only the plans whose
+        parameters may lack it)."""
         raise NotImplementedError
 
     def _partial_sums(self, plan: GroupPlan) -> torch.Tensor:
@@ -374,6 +380,7 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         self._prev_loss_placeholder = False
         self._load_count += 1
         self._scope_reps.clear()
+        self._recorded_by = None
 
     # ------------------------------------------------------------------- copies
     #: attributes beyond torch's (defaults, state, param_groups) that a copy must keep

@@ -44,6 +44,9 @@ class GroupPlan:
     indices: List[int] = field(default_factory=list)  # each param's index in its group (for messages)
     path: Path = Path.MULTI_TENSOR
     kernels: Any = None  # for Path.FUSED: the kernel set (a hf_am.kernels.KernelSet)
+    #: the local per-element state lists (the names every parameter has, in ``state_tensor_names`` order)
+    #: as the gate's bulk check read them, before this step created any state; ``None``: not gathered
+    state_tensors: Optional[List[List[torch.Tensor]]] = None
     group_index: int = 0
     why: str = ""  # why this path (e.g. why the kernels declined)
     scratch: Any = None  # what phase 1 leaves for phase 2 (e.g. AdamW's denominators)
@@ -89,9 +92,11 @@ def plan_step(optimizer) -> Tuple[List[GroupPlan], Layout]:
         if params:
             plan = GroupPlan(group=group, params=params, local_params=local_params, local_grads=local_grads)
             plan.group_index, plan.indices = group_index, indices
-            check_plan_tensors(optimizer, plan)  # the gate: before a path (or kernel) sees a tensor
-            states = state_lists(optimizer, params)
-            plan.path, plan.kernels, plan.why = choose_path(group, group_index, [local_params, local_grads, *states])
+            # The gate, before a path (or kernel) sees a tensor; where it accepted the plan in bulk, the state
+            # lists it read mirror the parameters, and the path choice need look at the parameters only.
+            mirrored = check_plan_tensors(optimizer, plan)
+            states = plan.state_tensors if mirrored else state_lists(optimizer, params)
+            plan.path, plan.kernels, plan.why = choose_path(group, group_index, [local_params, local_grads, *states], mirrored)
             plan.positions, plan.keys = positions, keys
             if scope == "model":
                 plan.scope_ids = [0] * len(params)
@@ -257,7 +262,7 @@ def _check_model_scope_agrees(optimizer, plans: List[GroupPlan]) -> None:
             )
 
 
-def choose_path(group, group_index: int, lists) -> Tuple[Path, Any, str]:
+def choose_path(group, group_index: int, lists, mirrored: bool = False) -> Tuple[Path, Any, str]:
     """``(path, kernels, why)``: which implementation steps this group, decided before anything is mutated.
 
     ``lists``: parallel lists of every tensor the step touches (parameters,
@@ -267,12 +272,13 @@ def choose_path(group, group_index: int, lists) -> Tuple[Path, Any, str]:
     dense float32/bfloat16/float16 CUDA tensors (when Triton is there); otherwise
     the multi-tensor path, or the per-tensor reference path for ``foreach=False``
     and low-precision tensors without kernels.  ``fused=True`` insists on the
-    kernels.  ``why`` says in words why the path was taken.
+    kernels.  ``why`` says in words why the path was taken.  ``mirrored``: every later list is known to
+    mirror the parameters (:func:`hf_am.gate.check_plan_tensors` accepted them in bulk).
     """
     fused, foreach = group.get("fused"), group.get("foreach")
     reason = ""
     if fused is not False and foreach is None:
-        kernels, reason = kernel_sets.select_kernels(lists)
+        kernels, reason = kernel_sets.select_kernels(lists, mirrored)
         if kernels is not None:
             return Path.FUSED, kernels, f"the {kernels.NAME} kernels accept every tensor"
         if fused:

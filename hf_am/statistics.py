@@ -55,23 +55,41 @@ def record_step(optimizer, plans: List[GroupPlan], coefficients, device, loss, w
     memory = applied * (1.0 - restart) if restarts_possible else applied
     counted = (FALLBACKS, RESTARTS) if restarts_possible else (FALLBACKS,)
     increments = [coefficients.fallback, restart][: len(counted)]
-    per_tensor = torch.stack([coefficients.reported, memory, *increments]).index_select(1, idx)
-    # The counts as one vector each, added and written back with the copies: one copy op over all the
-    # scalars is a fraction of a foreach add per count on CPU, where a foreach add of 0-d tensors
-    # dispatches once per tensor.  Same bits: each count is the float64 sum rounded to its dtype.
-    counts = torch.stack([s[key] for key in counted for s in states]).view(len(counted), -1) + per_tensor[2:]
+    per_tensor = torch.stack([coefficients.reported, memory, *increments]).index_select(1, idx)  # float64
     keys = (BETA, APPLIED, *counted)
     destinations = [s[key] for key in keys for s in states] + [s[w.key] for w in writes for s in w.states]
-    values = torch.cat((torch.cat((per_tensor[:2], counts)).reshape(-1), *(w.values.to(counts.dtype) for w in writes)))
-    # The sources are views of a reused scratch: unbinding `values` anew would build one view per
-    # destination every step (~90 us at 234 scalars on CPU, more than the copies themselves).
-    staging, sources = optimizer._device_constants.staging(values.numel(), values.dtype, values.device)
-    staging.copy_(values)
-    torch._foreach_copy_(destinations, sources)
+    values = torch.cat((per_tensor.reshape(-1), *(w.values.to(per_tensor.dtype) for w in writes)))
+    n, n_counted = len(states), len(counted)
+    # The kernels that stepped every group store the scalars in one call (hf_am.kernels.cpu.store_scalars);
+    # elsewhere, and where they decline the tensors, torch's ops do the same below.
+    kernels = _scalar_kernels(plans, device)
+    adds = (0,) * (2 * n) + (1,) * (n_counted * n) + (0,) * (len(destinations) - (2 + n_counted) * n)
+    optimizer._recorded_by = kernels if kernels is not None and kernels.store_scalars(destinations, values, adds) else None
+    if optimizer._recorded_by is None:
+        # The counts as one vector each, added and written back with the copies: one copy op over all the
+        # scalars is a fraction of a foreach add per count on CPU, where a foreach add of 0-d tensors
+        # dispatches once per tensor.  Same bits: each count is the float64 sum rounded to its dtype.
+        counts = torch.stack(destinations[2 * n:(2 + n_counted) * n]).view(n_counted, -1) + per_tensor[2:]
+        values[2 * n:(2 + n_counted) * n] = counts.reshape(-1)
+        # The sources are views of a reused scratch: unbinding `values` anew would build one view per
+        # destination every step (~90 us at 234 scalars on CPU, more than the copies themselves).
+        staging, sources = optimizer._device_constants.staging(values.numel(), values.dtype, values.device)
+        staging.copy_(values)
+        torch._foreach_copy_(destinations, sources)
     if optimizer.loss_estimate == "exact":
         value = torch.as_tensor(loss).detach()
         for s in states:
             s[PREV_LOSS] = value.to(device=s[BETA].device, dtype=s[BETA].dtype).clone()
+
+
+def _scalar_kernels(plans: List[GroupPlan], device):
+    """The kernel set that stepped every group, where it stores and reads one-element state
+    (``store_scalars(destinations, values, adds) -> bool``, ``read_scalars(sources) -> tensor or None``:
+    the C set); ``None``: torch's ops do."""
+    kernels = plans[0].kernels if plans else None
+    if device is None or device.type != "cpu" or any(plan.kernels is not kernels for plan in plans):
+        return None
+    return kernels if hasattr(kernels, "store_scalars") and hasattr(kernels, "read_scalars") else None
 
 
 class BetaStatistics:
@@ -106,13 +124,21 @@ class BetaStatistics:
         reps = self._scope_states()
         if not reps:
             return torch.full((8,), math.nan, dtype=torch.float64)
-        # Called every step by the Trainer callback: one stack per key, then one conversion (exact:
-        # float32 -> float64), rather than a conversion per scope (4 ops per tensor under scope="tensor").
-        if all(APPLIED in s and FALLBACKS in s for s in reps):
-            betas, applied, restarts, fallbacks = (
-                torch.stack([s[key] for s in reps]).double() for key in (BETA, APPLIED, RESTARTS, FALLBACKS)
-            )
-        else:  # state of hf_am 0.1 (no applied/fallback counts until the next step)
+        # Called every step by the Trainer callback: the values of each key in one read (exact: float32 ->
+        # float64), rather than a conversion per scope (4 ops per tensor under scope="tensor"); where the
+        # kernels that recorded them offer it, all four keys in one C call (hf_am.kernels.cpu.read_scalars).
+        try:
+            sources = [s[key] for key in (BETA, APPLIED, RESTARTS, FALLBACKS) for s in reps]
+        except KeyError:  # state of hf_am 0.1 (no applied/fallback counts until the next step)
+            sources = None
+        kernels = self.__dict__.get("_recorded_by")
+        values = kernels.read_scalars(sources) if sources is not None and kernels is not None else None
+        if values is not None:
+            betas, applied, restarts, fallbacks = values.view(4, -1)
+        elif sources is not None:
+            n = len(reps)
+            betas, applied, restarts, fallbacks = (torch.stack(sources[k * n:(k + 1) * n]).double() for k in range(4))
+        else:
             betas = torch.stack([s[BETA].double() for s in reps])
             applied = torch.stack([s[APPLIED].double() if APPLIED in s else s[BETA].double() * math.nan for s in reps])
             restarts = torch.stack([s[RESTARTS].double() for s in reps])

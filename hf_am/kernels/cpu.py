@@ -12,7 +12,7 @@ import ctypes
 import operator
 import threading
 from collections import OrderedDict
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -23,9 +23,10 @@ NAME = "cpu"  # the C kernels
 DTYPES = (torch.float32, torch.float64)
 
 
-def decline(lists: TensorLists) -> Optional[str]:
-    """Why the C kernels cannot step these parallel tensor lists, or ``None`` when they can."""
-    reason = tensor_problem(lists, DTYPES, "cpu")
+def decline(lists: TensorLists, mirrored: bool = False) -> Optional[str]:
+    """Why the C kernels cannot step these parallel tensor lists, or ``None`` when they can
+    (``mirrored``: see :func:`~hf_am.kernels.interface.tensor_problem`)."""
+    reason = tensor_problem(lists, DTYPES, "cpu", mirrored)
     if reason is None and library() is None:
         reason = f"the CPU kernels are unavailable ({build_error()})"
     return reason
@@ -195,6 +196,52 @@ def sgd_update(params, grads, buffers, weight_decay: float, weight, step) -> Non
 _DTYPE, _IS_CPU = operator.attrgetter("dtype"), operator.attrgetter("is_cpu")
 
 
+_IS_DOUBLE = {torch.float32: 0, torch.float64: 1}
+
+# One-element tensors accepted by the full check, by their addresses: (the tensor objects, what the C code
+# takes of them).  Holding the objects keeps their memory alive, so for the same objects at the
+# same addresses the check need not run again: a CPU storage cannot shrink in place (resizing it reallocates,
+# and freeing it leaves address 0 plus the offset), so each byte the C code writes is still inside a live
+# allocation; the dtypes are compared again, since `.data` can give an object another dtype at one address.
+# ~20 us a step for a hundred scalars, against ~75 us for the full check.
+_SCALARS: "OrderedDict[tuple, tuple]" = OrderedDict()
+_SCALARS_MAX = 16
+
+
+class _CheckedScalars(NamedTuple):
+    addresses: ctypes.Array  #: void *[n]
+    flags: ctypes.Array  #: unsigned char[n], is_double
+    dtypes: tuple
+
+
+def _scalar_arrays(tensors: Sequence[torch.Tensor]) -> Optional[_CheckedScalars]:
+    """The addresses, ``is_double`` flags and dtypes of one-element state tensors as the C code takes them,
+    or ``None`` unless every tensor is a plain (not a subclass) one-element float32/float64 CPU tensor, not a
+    lazily negated view, inside its storage: the only scalar memory this module hands to C."""
+    if not tensors:
+        return None
+    addresses = tuple(map(torch.Tensor.data_ptr, tensors))
+    dtypes = tuple(map(_DTYPE, tensors))
+    with _ARRAYS_LOCK:
+        seen = _SCALARS.get(addresses)
+        if seen is not None and seen[1].dtypes == dtypes and all(map(operator.is_, seen[0], tensors)):
+            _SCALARS.move_to_end(addresses)
+            return seen[1]
+    if set(map(type, tensors)) != {torch.Tensor} or not all(map(_IS_CPU, tensors)):
+        return None
+    flags = tuple(map(_IS_DOUBLE.get, dtypes))
+    if None in flags or set(map(torch.Tensor.numel, tensors)) != {1}:
+        return None
+    if any(map(torch.Tensor.is_neg, tensors)) or not inside_storage(tensors) or 0 in addresses:
+        return None
+    arrays = _CheckedScalars((ctypes.c_void_p * len(addresses))(*addresses), (ctypes.c_ubyte * len(flags))(*flags), dtypes)
+    with _ARRAYS_LOCK:
+        _SCALARS[addresses] = (tuple(tensors), arrays)
+        while len(_SCALARS) > _SCALARS_MAX:
+            _SCALARS.popitem(last=False)
+    return arrays
+
+
 def adamw_scalars(steps: Sequence[torch.Tensor], prods: Sequence[torch.Tensor], beta2: float, eps: float,
                   dtype: torch.dtype) -> Optional[torch.Tensor]:
     """AM-AdamW's per-tensor scalars of a step from the tensors' step counts and products of applied
@@ -207,12 +254,26 @@ def adamw_scalars(steps: Sequence[torch.Tensor], prods: Sequence[torch.Tensor], 
     Returns ``None`` when a tensor is anything but a plain one-element CPU tensor of ``dtype`` (float32 or
     float64), or the library is unavailable: the caller then runs the torch definitions, which accept any
     floating dtype.  The C code reads one value of ``dtype`` at each tensor's address, so every tensor is
-    checked here first, every step: the optimizer's gate compares these state objects by identity only.
+    checked here first, every step (the optimizer's gate compares these state objects by identity only), in
+    full where an object, its address or its dtype changed since the last full check (:func:`_scalar_arrays`).
     """
     n = len(steps)
     if dtype not in DTYPES or n == 0 or len(prods) != n:
         return None
     tensors = (*steps, *prods)
+    checked = _scalar_arrays(tensors)
+    lib = library()
+    if checked is not None and lib is not None:
+        if set(checked.dtypes) != {dtype}:
+            return None
+        out = torch.empty(5, n, dtype=dtype)
+        addresses = checked.addresses  # the step counts' n addresses, then the products'
+        prods_at = ctypes.addressof(addresses) + n * ctypes.sizeof(ctypes.c_void_p)
+        status = lib.am_adamw_scalars(64 if dtype == torch.float64 else 32, n, addresses, prods_at, float(beta2), float(eps), out.data_ptr())
+        if status != 0:
+            raise RuntimeError(f"hf_am CPU kernel am_adamw_scalars refused its arguments (status {status}); nothing was changed")
+        return out
+    # Declined: say why (a tensor outside its storage is an error, anything else runs the torch definitions).
     if set(map(type, tensors)) != {torch.Tensor} or set(map(_DTYPE, tensors)) != {dtype}:
         return None
     if not all(map(_IS_CPU, tensors)) or set(map(torch.Tensor.numel, tensors)) != {1} or any(map(torch.Tensor.is_neg, tensors)):
@@ -227,13 +288,43 @@ def adamw_scalars(steps: Sequence[torch.Tensor], prods: Sequence[torch.Tensor], 
             f"AM-AdamW's {kind} of tensor {which} of this call lies outside its storage (freed or shrunk under it, "
             "e.g. untyped_storage().resize_()): give the state a materialised tensor. Nothing was changed."
         )
-    out = torch.empty(5, n, dtype=dtype)
-    status = lib.am_adamw_scalars(
-        64 if dtype == torch.float64 else 32, n, _array(ctypes.c_void_p, tuple(map(torch.Tensor.data_ptr, steps))),
-        _array(ctypes.c_void_p, tuple(map(torch.Tensor.data_ptr, prods))), float(beta2), float(eps), out.data_ptr(),
-    )  # fmt: skip
+    return None  # only a NULL address is left, which lies outside any storage
+
+
+def store_scalars(destinations: Sequence[torch.Tensor], values: torch.Tensor, adds: Sequence[bool]) -> bool:
+    """Store ``values[i]`` (float64) in the one-element tensor ``destinations[i]``, rounded once to its
+    dtype, or, where ``adds[i]``, the value it holds plus ``values[i]`` (added in float64): what
+    ``torch._foreach_copy_(destinations, formed values)`` does, in one C call.  Every value is formed
+    before anything is stored.  ``values`` is overwritten (scratch).  Returns False, having done nothing,
+    where a destination is not a plain one-element float32/float64 CPU tensor inside its storage or the
+    library is unavailable: the caller then runs the torch ops."""
+    n = len(destinations)
+    if not (isinstance(values, torch.Tensor) and values.dtype == torch.float64 and values.device.type == "cpu"
+            and values.dim() == 1 and values.is_contiguous() and values.numel() == n and len(adds) == n):  # fmt: skip
+        raise ValueError(f"store_scalars: needs a contiguous 1-D float64 CPU tensor of {n} values and {n} add flags, "
+                         f"got {_what(values)} and {len(adds)} flags")
+    arrays = _scalar_arrays(destinations)
+    lib = library() if arrays is not None else None
+    if lib is None:
+        return False
+    status = lib.am_store_scalars(n, arrays.addresses, arrays.flags, _array(ctypes.c_ubyte, tuple(adds)), values.data_ptr())
     if status != 0:
-        raise RuntimeError(f"hf_am CPU kernel am_adamw_scalars refused its arguments (status {status}); nothing was changed")
+        raise RuntimeError(f"hf_am CPU kernel am_store_scalars refused its arguments (status {status}); nothing was changed")
+    return True
+
+
+def read_scalars(sources: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The values of one-element tensors as one float64 vector (exact), in one C call: what
+    ``torch.stack(sources).double()`` gives for one-element tensors.  ``None`` where a source is not a
+    plain one-element float32/float64 CPU tensor inside its storage, or the library is unavailable."""
+    arrays = _scalar_arrays(sources)
+    lib = library() if arrays is not None else None
+    if lib is None:
+        return None
+    out = torch.empty(len(sources), dtype=torch.float64)
+    status = lib.am_read_scalars(len(sources), arrays.addresses, arrays.flags, out.data_ptr())
+    if status != 0:
+        raise RuntimeError(f"hf_am CPU kernel am_read_scalars refused its arguments (status {status})")
     return out
 
 

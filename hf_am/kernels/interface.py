@@ -46,12 +46,17 @@ class KernelSet(Protocol):
     optimizer runs that definition).  ``adamw_scalars(steps, prods, beta2, eps, dtype)``, AM-AdamW's
     per-tensor counts, products and bias terms from the one-element state tensors in one call, or ``None``
     for tensors it does not take (the C set has it; elsewhere, and on ``None``, the torch definitions run).
+    ``store_scalars(destinations, values, adds) -> bool`` and ``read_scalars(sources) -> tensor or None``:
+    one-element state stored (a copy, or a count plus its increment) and read in one call each, what
+    :func:`hf_am.statistics.record_step` and ``beta_summary_tensor()`` do with torch's ops where a set lacks
+    them or declines the tensors (the C set has them).
     """
 
     NAME: str
 
-    def decline(self, lists: TensorLists) -> Optional[str]:
-        """``None`` when the set can step these tensor lists, else why not (shown to users)."""
+    def decline(self, lists: TensorLists, mirrored: bool = False) -> Optional[str]:
+        """``None`` when the set can step these tensor lists, else why not (shown to users).  ``mirrored``:
+        every later list is known to mirror the first (as :func:`tensor_problem` takes it)."""
 
     def adamw_sums(self, grads, exp_avgs, exp_avg_sqs, beta2: float, eps_scaled, d_scale) -> torch.Tensor:
         """Sums in the metric ``1/D'`` of this step's second moment ``v' = beta2 v + (1 - beta2) g^2``."""
@@ -132,7 +137,7 @@ def inside_storage(tensors: Sequence[torch.Tensor], own_bytes=None, itemsizes=No
         return False
 
 
-def tensor_problem(lists: TensorLists, dtypes: tuple, device_type: str) -> Optional[str]:
+def tensor_problem(lists: TensorLists, dtypes: tuple, device_type: str, mirrored: bool = False) -> Optional[str]:
     """What keeps a kernel set off these parallel tensor lists, or ``None``.
 
     Kernels walk raw memory with one element count per parameter, so every tensor
@@ -142,7 +147,13 @@ def tensor_problem(lists: TensorLists, dtypes: tuple, device_type: str) -> Optio
     :meth:`KernelSet.decline` starts with this check.  The common case is accepted in bulk; anything
     else goes to :func:`_first_problem`, the definition, which names the tensor
     (tests/unit/test_gate_bulk.py holds the two to each other).
+
+    ``mirrored``: the caller has found every tensor of the later lists contiguous, of the length of the
+    first list and of the shape, dtype and device of its entry there (the optimizer's gate, in bulk), so
+    only the first list is looked at: the answer is the one all lists would give.
     """
+    if mirrored:
+        lists = lists[:1]
     tensors = list(chain.from_iterable(lists))
     if not tensors:
         return "no tensors"

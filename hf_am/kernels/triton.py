@@ -39,11 +39,12 @@ def available() -> bool:
     return triton is not None and os.environ.get("HF_AM_TRITON", "1") != "0" and torch.cuda.is_available()
 
 
-def decline(lists: TensorLists) -> Optional[str]:
-    """Why the Triton kernels cannot step these parallel tensor lists, or ``None`` when they can."""
+def decline(lists: TensorLists, mirrored: bool = False) -> Optional[str]:
+    """Why the Triton kernels cannot step these parallel tensor lists, or ``None`` when they can
+    (``mirrored``: see :func:`~hf_am.kernels.interface.tensor_problem`)."""
     if not available():
         return "Triton or CUDA unavailable (or HF_AM_TRITON=0)"
-    return tensor_problem(lists, DTYPES, "cuda")
+    return tensor_problem(lists, DTYPES, "cuda", mirrored)
 
 
 if triton is not None:

@@ -37,8 +37,8 @@ if triton_kernels.triton is None:
 INTERPRETED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def triton_on_cpu(lists):
-    reason = tensor_problem(lists, INTERPRETED_DTYPES, "cpu")
+def triton_on_cpu(lists, mirrored=False):
+    reason = tensor_problem(lists, INTERPRETED_DTYPES, "cpu", mirrored)
     return (triton_kernels, None) if reason is None else (None, reason)
 
 

@@ -257,3 +257,62 @@ def test_planning_leaves_sparse_and_complex_gradients_to_its_loop():
     assert planning._plain_gradients({"params": [q]}) is None
     with pytest.raises(TypeError, match="real tensors only"):
         opt.step()
+
+
+MIRRORED_FIRST_LISTS = {
+    "float32": lambda: [torch.zeros(4, 5), torch.zeros(3)],
+    "float64": lambda: [torch.zeros(4, 5, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)],
+    "mixed_dtypes": lambda: [torch.zeros(4, 5), torch.zeros(3, dtype=torch.float64)],
+    "bfloat16": lambda: [torch.zeros(4, 5, dtype=torch.bfloat16)],
+    "meta_device": lambda: [torch.zeros(4, 5, device="meta")],
+    "one_on_meta": lambda: [torch.zeros(3), torch.zeros(3, device="meta")],
+    "empty_tensor": lambda: [torch.zeros(0), torch.zeros(2)],
+}
+
+
+@pytest.mark.parametrize("case", sorted(MIRRORED_FIRST_LISTS))
+@pytest.mark.parametrize("n_lists", [1, 2, 4])
+def test_mirrored_lists_get_the_answer_all_lists_give(case, n_lists):
+    """What the gate vouches for (every later list contiguous, with the first list's shapes, dtypes and
+    devices) makes the first list's answer the answer of all lists, refusals and their words included."""
+    first = MIRRORED_FIRST_LISTS[case]()
+    lists = [first] + [[torch.empty_like(t) for t in first] for _ in range(n_lists - 1)]
+    dtypes = (torch.float32, torch.float64)
+    assert interface.tensor_problem(lists, dtypes, "cpu", mirrored=True) == interface.tensor_problem(lists, dtypes, "cpu")
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("fused", [None, False])
+def test_planning_on_the_gates_lists_chooses_the_path_of_all_lists(name, fused):
+    """Where the gate accepted a plan in bulk, planning hands the path choice the state lists the gate read
+    (the same tensor objects state_lists() gathers) and says they mirror the parameters: the path and its
+    reason are those of the full lists.  A plan the gate walked (a replaced scalar) gathers nothing."""
+    model, opt = _trained(name)
+    for group in opt.param_groups:
+        group["fused"] = fused
+    (plan,), _ = planning.plan_step(opt)
+    expected = planning.state_lists(opt, plan.params)
+    assert plan.state_tensors is not None and len(plan.state_tensors) == len(expected) >= 1
+    assert all(a is b for got, want in zip(plan.state_tensors, expected) for a, b in zip(got, want))
+    full = planning.choose_path(plan.group, 0, [plan.local_params, plan.local_grads, *expected])
+    assert (plan.path, plan.kernels, plan.why) == full
+    p = plan.params[0]
+    opt.state[p]["step"] = opt.state[p]["step"].clone()  # another object: the walk checks it this step
+    (walked,), _ = planning.plan_step(opt)
+    assert walked.state_tensors is None
+    assert (walked.path, walked.kernels, walked.why) == full
+
+
+def test_a_step_that_creates_state_for_some_parameters_only():
+    """A group whose parameters partly lack state (one dropped from the state) is walked, gathers no lists,
+    and the missing state is created: the step runs and every parameter has its moments."""
+    model = make_model()
+    params = list(model.parameters())
+    opt = AMAdamW(params, lr=1e-2)
+    train(model, opt, make_batches(2))
+    opt.state.pop(params[-1])  # state for all but the last
+    loss_fn(model, make_batches(1)[0]).backward()
+    (plan,), _ = planning.plan_step(opt)
+    assert plan.state_tensors is None
+    opt.step()
+    assert all({"exp_avg", "exp_avg_sq", "step"} <= set(opt.state[p]) for p in params)
