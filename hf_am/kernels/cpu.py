@@ -17,7 +17,7 @@ from typing import List, NamedTuple, Optional, Sequence
 import torch
 
 from .cpu_build import build_error, library
-from .interface import TensorLists, inside_storage, tensor_problem
+from .interface import TensorLists, inside_storage, remembered_check, tensor_problem
 
 NAME = "cpu"  # the C kernels
 DTYPES = (torch.float32, torch.float64)
@@ -198,15 +198,6 @@ _DTYPE, _IS_CPU = operator.attrgetter("dtype"), operator.attrgetter("is_cpu")
 
 _IS_DOUBLE = {torch.float32: 0, torch.float64: 1}
 
-# One-element tensors accepted by the full check, by their addresses: (the tensor objects, what the C code
-# takes of them).  Holding the objects keeps their memory alive, so for the same objects at the
-# same addresses the check need not run again: a CPU storage cannot shrink in place (resizing it reallocates,
-# and freeing it leaves address 0 plus the offset), so each byte the C code writes is still inside a live
-# allocation; the dtypes are compared again, since `.data` can give an object another dtype at one address.
-# ~20 us a step for a hundred scalars, against ~75 us for the full check.
-_SCALARS: "OrderedDict[tuple, tuple]" = OrderedDict()
-_SCALARS_MAX = 16
-
 
 class _CheckedScalars(NamedTuple):
     addresses: ctypes.Array  #: void *[n]
@@ -214,19 +205,7 @@ class _CheckedScalars(NamedTuple):
     dtypes: tuple
 
 
-def _scalar_arrays(tensors: Sequence[torch.Tensor]) -> Optional[_CheckedScalars]:
-    """The addresses, ``is_double`` flags and dtypes of one-element state tensors as the C code takes them,
-    or ``None`` unless every tensor is a plain (not a subclass) one-element float32/float64 CPU tensor, not a
-    lazily negated view, inside its storage: the only scalar memory this module hands to C."""
-    if not tensors:
-        return None
-    addresses = tuple(map(torch.Tensor.data_ptr, tensors))
-    dtypes = tuple(map(_DTYPE, tensors))
-    with _ARRAYS_LOCK:
-        seen = _SCALARS.get(addresses)
-        if seen is not None and seen[1].dtypes == dtypes and all(map(operator.is_, seen[0], tensors)):
-            _SCALARS.move_to_end(addresses)
-            return seen[1]
+def _check_scalars(tensors: Sequence[torch.Tensor], addresses: tuple, dtypes: tuple) -> Optional[_CheckedScalars]:
     if set(map(type, tensors)) != {torch.Tensor} or not all(map(_IS_CPU, tensors)):
         return None
     flags = tuple(map(_IS_DOUBLE.get, dtypes))
@@ -234,12 +213,16 @@ def _scalar_arrays(tensors: Sequence[torch.Tensor]) -> Optional[_CheckedScalars]
         return None
     if any(map(torch.Tensor.is_neg, tensors)) or not inside_storage(tensors) or 0 in addresses:
         return None
-    arrays = _CheckedScalars((ctypes.c_void_p * len(addresses))(*addresses), (ctypes.c_ubyte * len(flags))(*flags), dtypes)
-    with _ARRAYS_LOCK:
-        _SCALARS[addresses] = (tuple(tensors), arrays)
-        while len(_SCALARS) > _SCALARS_MAX:
-            _SCALARS.popitem(last=False)
-    return arrays
+    return _CheckedScalars((ctypes.c_void_p * len(addresses))(*addresses), (ctypes.c_ubyte * len(flags))(*flags), dtypes)
+
+
+def _scalar_arrays(tensors: Sequence[torch.Tensor]) -> Optional[_CheckedScalars]:
+    """The addresses, ``is_double`` flags and dtypes of one-element state tensors as the C code takes them,
+    or ``None`` unless every tensor is a plain (not a subclass) one-element float32/float64 CPU tensor, not a
+    lazily negated view, inside its storage: the only scalar memory this module hands to C.  Checked in full
+    where the objects, their addresses or their dtypes changed since the last full check
+    (:func:`~hf_am.kernels.interface.remembered_check`)."""
+    return remembered_check("cpu scalars", tensors, _check_scalars) if tensors else None
 
 
 def adamw_scalars(steps: Sequence[torch.Tensor], prods: Sequence[torch.Tensor], beta2: float, eps: float,

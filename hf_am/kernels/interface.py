@@ -20,13 +20,16 @@ Kernels never import the optimizer layer: they see tensor lists and scalars only
 from __future__ import annotations
 
 import operator
+import threading
+from collections import OrderedDict
 from itertools import chain
 from operator import attrgetter
-from typing import List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import Callable, List, Optional, Protocol, Sequence, Tuple, TypeVar, runtime_checkable
 
 import torch
 
 TensorLists = Sequence[Sequence[torch.Tensor]]
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -135,6 +138,46 @@ def inside_storage(tensors: Sequence[torch.Tensor], own_bytes=None, itemsizes=No
         return all(map(operator.le, own, map(_HELD, map(torch.Tensor.untyped_storage, tensors))))
     except (RuntimeError, NotImplementedError, TypeError):  # sparse, or a wrapper subclass without storage
         return False
+
+
+# What a full check found for a list of tensors, by the list's addresses: (the tensor objects, their dtypes,
+# the result).  Holding the objects keeps their memory alive, so for the same objects at the same addresses
+# with the same dtypes the check need not run again: a storage cannot shrink in place (resizing it
+# reallocates, and freeing it leaves address 0 plus the offset), so every byte the check found inside a live
+# allocation still is; the dtypes are compared, since `.data` can give an object another dtype at one
+# address.  About 0.2 us a tensor, against ~0.7 us for the full checks of one-element state.
+_REMEMBERED: "OrderedDict[tuple, tuple]" = OrderedDict()
+_REMEMBERED_MAX = 64
+_REMEMBERED_LOCK = threading.Lock()
+
+
+def remembered_check(kind: str, tensors: Sequence[torch.Tensor], check: Callable[[Sequence[torch.Tensor], tuple, tuple], T],
+                     dtypes_matter: bool = True) -> T:
+    """``check(tensors, addresses, dtypes)``, or what it returned for these objects at these addresses with
+    these dtypes before (a result that is ``None`` or False is not remembered; ``None`` also where an entry
+    has no address: a tensor without a storage, or no tensor).  ``kind`` keeps the results
+    of different checks apart.  For checks of what the tensors' memory is (extent, dtype, layout) that hold
+    for as long as an object keeps its address and dtype: see the note on ``_REMEMBERED``.
+    ``dtypes_matter=False`` for a check of the extent alone (``dtypes`` is then ``None``): a tensor is made
+    inside its storage (torch checks every view it builds), so only a changed address can move it out."""
+    try:
+        addresses = tuple(map(torch.Tensor.data_ptr, tensors))
+        dtypes = tuple(map(_DTYPE, tensors)) if dtypes_matter else None
+    except (RuntimeError, NotImplementedError, TypeError, AttributeError):  # no storage (a wrapper subclass), no tensor
+        return None
+    key = (kind, addresses)
+    with _REMEMBERED_LOCK:
+        seen = _REMEMBERED.get(key)
+        if seen is not None and seen[1] == dtypes and all(map(operator.is_, seen[0], tensors)):
+            _REMEMBERED.move_to_end(key)
+            return seen[2]
+    result = check(tensors, addresses, dtypes)
+    if result is not None and result is not False:
+        with _REMEMBERED_LOCK:
+            _REMEMBERED[key] = (tuple(tensors), dtypes, result)
+            while len(_REMEMBERED) > _REMEMBERED_MAX:
+                _REMEMBERED.popitem(last=False)
+    return result
 
 
 def tensor_problem(lists: TensorLists, dtypes: tuple, device_type: str, mirrored: bool = False) -> Optional[str]:

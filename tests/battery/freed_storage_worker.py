@@ -20,19 +20,17 @@ from hf_am import AMAdamW, AMSGD
 
 OPTIMIZERS = {"am_adamw": (AMAdamW, 1e-2), "am_sgd": (AMSGD, 5e-2)}
 PATHS = {"default": {}, "foreach": dict(foreach=True), "reference": dict(foreach=False)}
-DAMAGES = ("state_freed", "scalar_freed", "param_view_freed", "grad_one_element_past")
+DAMAGES = ("state_freed", "scalar_freed", "coefficient_freed", "param_view_freed", "grad_one_element_past")
 
 
 def cases():
-    """Every optimizer x path x damage, except a one-element state tensor freed under the object the gate
-    accepted where only torch ops read it: the gate does not re-check such objects every step (hf_am.gate),
-    and torch's ops crash on it as with torch's own optimizers.  Where compiled code reads it (AM-AdamW's
-    step counts on the C kernels, the default path on CPU), that code checks it."""
+    """Every optimizer x path x damage.  The one-element state freed under the object the gate accepted
+    (a step count, the stored coefficient) is read by torch's ops on the portable paths and by the C code
+    on the default path, and written by both: the gate checks its extent every step."""
     for opt_name in OPTIMIZERS:
         for path in PATHS:
             for damage in DAMAGES:
-                if damage != "scalar_freed" or (opt_name, path) == ("am_adamw", "default"):
-                    yield opt_name, path, damage
+                yield opt_name, path, damage
 
 
 def _view_into_freed(t: torch.Tensor, keep_elements: int) -> torch.Tensor:
@@ -65,9 +63,10 @@ def run_case(opt_name: str, path: str, damage: str) -> dict:
         name = opt.state_tensor_names[0]
         state[name].untyped_storage().resize_(0)
         before.pop((1, name))
-    elif damage == "scalar_freed":
-        state["step"].untyped_storage().resize_(0)  # the tensor object the gate already accepted
-        before.pop((1, "step"))
+    elif damage in ("scalar_freed", "coefficient_freed"):
+        key = "step" if damage == "scalar_freed" else "am_beta"
+        state[key].untyped_storage().resize_(0)  # the tensor object the gate already accepted
+        before.pop((1, key))
     elif damage == "param_view_freed":
         target.data = _view_into_freed(target, 0)
     else:

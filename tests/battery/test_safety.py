@@ -403,7 +403,8 @@ def test_a_tensor_whose_storage_was_freed_under_it_is_refused_before_anything_re
     """A parameter, gradient or per-element state tensor whose storage was freed or shrunk under it
     (``untyped_storage().resize_()``, as FSDP does to unsharded parameters) would be read as freed memory
     by the kernels and by torch's own ops: a crash, not an error.  The gate checks their extent against
-    their storage every step, and the C code that reads one-element state checks it too; run in a worker
+    their storage every step, one-element state included (the C code that reads or writes it checks it
+    too); run in a worker
     process, where a miss kills the worker instead of the suite.  Every case (the worker's ``cases()``)
     must raise naming the tensor and change nothing."""
     tests = FilePath(__file__).resolve().parents[1]
@@ -412,9 +413,9 @@ def test_a_tensor_whose_storage_was_freed_under_it_is_refused_before_anything_re
                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, f"the worker died (rc {proc.returncode}): {proc.stderr[-2000:]}"
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert len(rows) == 2 * 3 * 3 + 1, proc.stdout
-    where = {"state_freed": "state '", "scalar_freed": "step count of tensor 1 ", "param_view_freed": "the parameter",
-             "grad_one_element_past": "its gradient"}  # fmt: skip
+    assert len(rows) == 2 * 3 * 5, proc.stdout
+    where = {"state_freed": "state '", "scalar_freed": "state 'step'", "coefficient_freed": "state 'am_beta'",
+             "param_view_freed": "the parameter", "grad_one_element_past": "its gradient"}  # fmt: skip
     for row in rows:
         assert row["raised"] and row["raised"].startswith("RuntimeError"), row
         assert where[row["damage"]] in row["raised"] and "storage" in row["raised"], row

@@ -246,3 +246,51 @@ def test_other_paths_and_loaded_state_record_with_torch_ops():
     assert fused._recorded_by is None
     summary = fused.beta_summary_tensor()  # read by torch's ops, from the loaded state
     assert summary.shape == (8,) and not torch.isnan(summary).all()
+
+
+# ----------------------------------------------------------------- the remembered check
+def test_a_remembered_check_runs_again_exactly_when_objects_addresses_or_dtypes_change():
+    from hf_am.kernels.interface import remembered_check
+
+    calls = []
+
+    def check(tensors, addresses, dtypes):
+        calls.append(addresses)
+        return ("ok", len(tensors))
+
+    a, b = torch.tensor(1.0), torch.tensor(2.0)
+    assert remembered_check("test", [a, b], check) == ("ok", 2) and len(calls) == 1
+    assert remembered_check("test", [a, b], check) == ("ok", 2) and len(calls) == 1  # remembered
+    assert remembered_check("another kind", [a, b], check) and len(calls) == 2  # kinds are kept apart
+    remembered_check("test", [a, b.view(())], check)  # another object at the same address
+    assert len(calls) == 3
+    b.data = torch.tensor(2.0)  # the same object at another address
+    remembered_check("test", [a, b], check)
+    assert len(calls) == 4
+    a.data = a.view(torch.int32)  # the same object and address, another dtype
+    remembered_check("test", [a, b], check)
+    assert len(calls) == 5
+    declined = []
+    remembered_check("declines", [a], lambda t, ad, d: declined.append(1))  # None: not remembered
+    remembered_check("declines", [a], lambda t, ad, d: declined.append(1))
+    assert declined == [1, 1]
+    assert remembered_check("test", [a, 3.0], check) is None  # no tensor: no address, nothing checked
+    assert len(calls) == 5
+
+
+def test_the_gate_checks_one_element_state_freed_under_an_accepted_object():
+    """The gate accepts one-element state by identity once the walk has seen it; a storage freed under such
+    an object afterwards is found the next step (before anything changes), on every path."""
+    for options in ({}, dict(foreach=True), dict(foreach=False)):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = hf_am.AMAdamW(params, **options)
+        opt.step()
+        opt.step()  # accepted in bulk, the storage check remembered
+        before = [p.detach().clone() for p in params]
+        opt.state[params[1]][APPLIED].untyped_storage().resize_(0)
+        with pytest.raises(RuntimeError, match=r"state 'am_applied' has a storage of 0 bytes.*Nothing was changed"):
+            opt.step()
+        assert all(torch.equal(p, b) for p, b in zip(params, before))
