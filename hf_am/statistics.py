@@ -83,13 +83,12 @@ def record_step(optimizer, plans: List[GroupPlan], coefficients, device, loss, w
 
 
 def _scalar_kernels(plans: List[GroupPlan], device):
-    """The kernel set that stepped every group, where it stores and reads one-element state
-    (``store_scalars(destinations, values, adds) -> bool``, ``read_scalars(sources) -> tensor or None``:
-    the C set); ``None``: torch's ops do."""
+    """The kernel set that stepped every group, where it stores one-element state
+    (``store_scalars(destinations, values, adds) -> bool``: the C set); ``None``: torch's ops do."""
     kernels = plans[0].kernels if plans else None
     if device is None or device.type != "cpu" or any(plan.kernels is not kernels for plan in plans):
         return None
-    return kernels if hasattr(kernels, "store_scalars") and hasattr(kernels, "read_scalars") else None
+    return kernels if hasattr(kernels, "store_scalars") else None
 
 
 class BetaStatistics:
@@ -124,21 +123,13 @@ class BetaStatistics:
         reps = self._scope_states()
         if not reps:
             return torch.full((8,), math.nan, dtype=torch.float64)
-        # Called every step by the Trainer callback: the values of each key in one read (exact: float32 ->
-        # float64), rather than a conversion per scope (4 ops per tensor under scope="tensor"); where the
-        # kernels that recorded them offer it, all four keys in one C call (hf_am.kernels.cpu.read_scalars).
-        try:
-            sources = [s[key] for key in (BETA, APPLIED, RESTARTS, FALLBACKS) for s in reps]
-        except KeyError:  # state of hf_am 0.1 (no applied/fallback counts until the next step)
-            sources = None
-        kernels = self.__dict__.get("_recorded_by")
-        values = kernels.read_scalars(sources) if sources is not None and kernels is not None else None
-        if values is not None:
-            betas, applied, restarts, fallbacks = values.view(4, -1)
-        elif sources is not None:
-            n = len(reps)
-            betas, applied, restarts, fallbacks = (torch.stack(sources[k * n:(k + 1) * n]).double() for k in range(4))
-        else:
+        # Called every step by the Trainer callback: one stack per key, then one conversion (exact:
+        # float32 -> float64), rather than a conversion per scope (4 ops per tensor under scope="tensor").
+        if all(APPLIED in s and FALLBACKS in s for s in reps):
+            betas, applied, restarts, fallbacks = (
+                torch.stack([s[key] for s in reps]).double() for key in (BETA, APPLIED, RESTARTS, FALLBACKS)
+            )
+        else:  # state of hf_am 0.1 (no applied/fallback counts until the next step)
             betas = torch.stack([s[BETA].double() for s in reps])
             applied = torch.stack([s[APPLIED].double() if APPLIED in s else s[BETA].double() * math.nan for s in reps])
             restarts = torch.stack([s[RESTARTS].double() for s in reps])

@@ -236,18 +236,16 @@ int am_adamw_scalars(int dtype_bits, int64_t n, void **steps, void **prods, doub
 }
 
 /* ------------------------------------------------------------- one-element state */
-/* What the statistics of a step (hf_am.statistics.record_step) write and what the Trainer callback reads
- * (BetaStatistics.beta_summary_tensor): one value per one-element state tensor, a hundred or more of them a
- * step at small models.  torch copies or stacks them one dispatch at a time (~1.6 us each on CPU, most of
- * those two functions' time); here they are one loop.  Each address holds one float (is_double[i] == 0)
- * or one double (is_double[i] == 1).
+/* What the statistics of a step (hf_am.statistics.record_step) write: one value per one-element state
+ * tensor, a hundred or more of them a step at small models.  torch copies them one dispatch at a time
+ * (~1.6 us each on CPU, most of that function's time); here they are one loop.  Each address holds one
+ * float (is_double[i] == 0) or one double (is_double[i] == 1).
  *
  * am_store_scalars: values[i] is stored at dest[i], rounded once to its type; where adds[i] is 1 the
  * value stored is the value held plus values[i], added in double (a count plus its increment, as torch
  * adds a float32 count to a float64 increment).  Every value is formed before anything is stored, so
  * destinations that share memory see what a copy of the formed values would give them: `values`
  * is overwritten with the formed values (the caller's scratch).
- * am_read_scalars: out[i] is the value at src[i], as a double (exact).
  * Return 0, or 2 for arguments out of range (n < 0, a NULL address, a flag other than 0/1) before
  * anything is written. */
 static int scalar_args_ok(int64_t n, void **addr, const unsigned char *is_double, const unsigned char *adds, const void *buf) {
@@ -272,12 +270,6 @@ int am_store_scalars(int64_t n, void **dest, const unsigned char *is_double, con
         else
             *(float *)dest[i] = (float)values[i];
     }
-    return 0;
-}
-
-int am_read_scalars(int64_t n, void **src, const unsigned char *is_double, double *out) {
-    if (!scalar_args_ok(n, src, is_double, NULL, out)) return 2;
-    for (int64_t i = 0; i < n; ++i) out[i] = scalar_at(src[i], is_double[i]);
     return 0;
 }
 

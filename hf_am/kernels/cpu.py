@@ -296,21 +296,6 @@ def store_scalars(destinations: Sequence[torch.Tensor], values: torch.Tensor, ad
     return True
 
 
-def read_scalars(sources: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The values of one-element tensors as one float64 vector (exact), in one C call: what
-    ``torch.stack(sources).double()`` gives for one-element tensors.  ``None`` where a source is not a
-    plain one-element float32/float64 CPU tensor inside its storage, or the library is unavailable."""
-    arrays = _scalar_arrays(sources)
-    lib = library() if arrays is not None else None
-    if lib is None:
-        return None
-    out = torch.empty(len(sources), dtype=torch.float64)
-    status = lib.am_read_scalars(len(sources), arrays.addresses, arrays.flags, out.data_ptr())
-    if status != 0:
-        raise RuntimeError(f"hf_am CPU kernel am_read_scalars refused its arguments (status {status})")
-    return out
-
-
 def step_coefficients(sums: torch.Tensor, hyper: torch.Tensor, has_threshold: bool, loss_delta: Optional[torch.Tensor]):
     """The closed form and restart rule per scope in one C call: ``(adaptive, reported, applied, restart,
     fallback)``, each ``(n_scopes,)`` float64, the bits of :func:`hf_am.coefficient.step_coefficients`.

@@ -654,9 +654,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.am_adamw_step_tasks.restype = i64
     lib.am_adamw_scalars.argtypes = [ctypes.c_int, i64, ptr, ptr, dbl, dbl, ptr]
     lib.am_store_scalars.argtypes = [i64, ptr, ptr, ptr, ptr]
-    lib.am_read_scalars.argtypes = [i64, ptr, ptr, ptr]
     lib.am_threading.argtypes = []
     for fn in (lib.am_adamw_sums, lib.am_adamw_update, lib.am_sgd_sums, lib.am_sgd_update, lib.am_coefficients,
-               lib.am_adamw_step, lib.am_adamw_scalars, lib.am_store_scalars, lib.am_read_scalars, lib.am_threading):
+               lib.am_adamw_step, lib.am_adamw_scalars, lib.am_store_scalars, lib.am_threading):
         fn.restype = ctypes.c_int
     return lib

@@ -49,10 +49,9 @@ class KernelSet(Protocol):
     optimizer runs that definition).  ``adamw_scalars(steps, prods, beta2, eps, dtype)``, AM-AdamW's
     per-tensor counts, products and bias terms from the one-element state tensors in one call, or ``None``
     for tensors it does not take (the C set has it; elsewhere, and on ``None``, the torch definitions run).
-    ``store_scalars(destinations, values, adds) -> bool`` and ``read_scalars(sources) -> tensor or None``:
-    one-element state stored (a copy, or a count plus its increment) and read in one call each, what
-    :func:`hf_am.statistics.record_step` and ``beta_summary_tensor()`` do with torch's ops where a set lacks
-    them or declines the tensors (the C set has them).
+    ``store_scalars(destinations, values, adds) -> bool``: one-element state stored (a copy, or a count plus
+    its increment) in one call, what :func:`hf_am.statistics.record_step` does with torch's ops where a set
+    lacks it or declines the tensors (the C set has it).
     """
 
     NAME: str

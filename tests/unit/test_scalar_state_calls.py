@@ -1,15 +1,13 @@
-"""One-element state stored and read in one C call (``am_store_scalars``/``am_read_scalars``,
-hf_am/csrc/am_cpu_kernels.c; wrappers :func:`hf_am.kernels.cpu.store_scalars` and
-:func:`~hf_am.kernels.cpu.read_scalars`).
+"""One-element state stored in one C call (``am_store_scalars``, hf_am/csrc/am_cpu_kernels.c; wrapper
+:func:`hf_am.kernels.cpu.store_scalars`), and the remembered check in front of it and of the gate.
 
-:func:`hf_am.statistics.record_step` writes about five scalars per parameter every step and
-:meth:`~hf_am.AMOptimizer.beta_summary_tensor` (the Trainer callback) reads four; torch copies or stacks
-them one dispatch at a time.  Where the C kernels stepped every group, both go through these calls.  What
-they must keep: the bits torch's ops give (a copy rounds once to the destination's dtype; a count plus
-its increment is added in float64), values formed before anything is stored (destinations that share
-memory), and no memory handed to C that is not a plain one-element float32/float64 CPU tensor inside its
-storage, checked again whenever an object, its address or its dtype changed (a declined call does
-nothing, and the torch ops run).
+:func:`hf_am.statistics.record_step` writes about five scalars per parameter every step; torch copies
+them one dispatch at a time.  Where the C kernels stepped every group, they go through this call.  What it
+must keep: the bits torch's ops give (a copy rounds once to the destination's dtype; a count plus its
+increment is added in float64), values formed before anything is stored (destinations that share memory),
+and no memory handed to C that is not a plain one-element float32/float64 CPU tensor inside its storage,
+checked again whenever an object, its address or its dtype changed (a declined call does nothing, and the
+torch ops run).
 """
 
 from __future__ import annotations
@@ -102,13 +100,12 @@ def _freed():
 
 
 @pytest.mark.parametrize("case", sorted(DECLINED))
-def test_store_and_read_decline_what_c_must_not_touch(case):
+def test_store_declines_what_c_must_not_touch(case):
     good = [torch.tensor(1.0), torch.tensor(2.0, dtype=torch.float64)]
     bad = DECLINED[case]()
     before = [_bits(t) for t in good]
     assert cpu.store_scalars([*good, bad], torch.tensor([7.0, 8.0, 9.0], dtype=torch.float64), (0, 0, 0)) is False
     assert [_bits(t) for t in good] == before, "a declined store changed a destination"
-    assert cpu.read_scalars([*good, bad]) is None
 
 
 def test_strided_one_element_view_inside_storage_is_taken():
@@ -130,7 +127,6 @@ def test_changes_under_a_remembered_object_are_checked_again():
     assert u.item() == 5.0
     u.untyped_storage().resize_(0)  # freed under a remembered object
     assert cpu.store_scalars([torch.tensor(0.0), u], torch.tensor([1.0, 6.0], dtype=torch.float64), (0, 0)) is False
-    assert cpu.read_scalars([u]) is None
 
 
 @pytest.mark.parametrize("values, adds", [
@@ -147,15 +143,6 @@ def test_store_refuses_values_that_do_not_fit(values, adds):
     assert [t.item() for t in dest] == [1.0, 2.0]
 
 
-def test_read_has_the_values_of_torch_stack():
-    gen = torch.Generator().manual_seed(5)
-    tensors = _scalars(gen, 50)
-    out = cpu.read_scalars(tensors)
-    expected = torch.stack([t.reshape(()).double() for t in tensors])
-    assert out.dtype == torch.float64 and out.shape == (50,)
-    assert [_bits(x) for x in out] == [_bits(x) for x in expected]
-
-
 def test_c_entry_points_refuse_bad_arguments_before_writing():
     lib = cpu_build.library()
     t = torch.tensor(1.0)
@@ -169,10 +156,7 @@ def test_c_entry_points_refuse_bad_arguments_before_writing():
     assert lib.am_store_scalars(1, addresses, flags, bad_adds, values.data_ptr()) == 2
     assert lib.am_store_scalars(-1, addresses, flags, adds, values.data_ptr()) == 2
     assert lib.am_store_scalars(1, addresses, flags, adds, None) == 2
-    out = torch.zeros(1, dtype=torch.float64)
-    assert lib.am_read_scalars(1, null, flags, out.data_ptr()) == 2
-    assert lib.am_read_scalars(1, addresses, bad_flags, out.data_ptr()) == 2
-    assert t.item() == 1.0 and out.item() == 0.0
+    assert t.item() == 1.0
     assert lib.am_store_scalars(1, addresses, flags, adds, values.data_ptr()) == 0 and t.item() == 9.0
 
 
@@ -199,7 +183,7 @@ def _scalar_bits(opt):
 @pytest.mark.parametrize("restart_threshold", [None, 0.5])
 def test_record_step_stores_the_bits_of_the_torch_ops(dtype, restart_threshold):
     """record_step on the C store and on torch's ops, from equal state with equal coefficients: equal bits
-    in every one-element state entry, and equal summaries read both ways."""
+    in every one-element state entry, and equal summaries."""
     c_side, torch_side = _optimizer(dtype, restart_threshold), _optimizer(dtype, restart_threshold)
     assert c_side._recorded_by is cpu, "the C kernels stepped every group, so they stored the statistics"
     assert _scalar_bits(c_side) == _scalar_bits(torch_side)
@@ -230,7 +214,7 @@ def test_record_step_stores_the_bits_of_the_torch_ops(dtype, restart_threshold):
 
 
 def test_other_paths_and_loaded_state_record_with_torch_ops():
-    """fused=False means no compiled code for that optimizer: its statistics are stored by torch's ops too;
+    """fused=False means no compiled code for that optimizer: its statistics are stored by torch's ops;
     after load_state_dict nothing is remembered as recorded by the kernels until the next step."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
@@ -244,7 +228,7 @@ def test_other_paths_and_loaded_state_record_with_torch_ops():
     assert fused._recorded_by is cpu
     fused.load_state_dict(fused.state_dict())
     assert fused._recorded_by is None
-    summary = fused.beta_summary_tensor()  # read by torch's ops, from the loaded state
+    summary = fused.beta_summary_tensor()  # from the loaded state
     assert summary.shape == (8,) and not torch.isnan(summary).all()
 
 
