@@ -81,15 +81,17 @@ def test_step_profile_names_every_part(flags):
     assert all(float(r[2].strip().strip("*")) > 0 for r in rows if r[2].strip() and r[2].strip() != "---"), out
 
 
-def test_step_ab_compares_two_checkouts_in_one_process():
+@pytest.mark.parametrize("flags", [[], ["--as-trainer"]], ids=["plain", "as-trainer"])
+def test_step_ab_compares_two_checkouts_in_one_process(flags):
     """A/A: this checkout against itself (imported a second time as hf_am_before); no timing asserted."""
     pytest.importorskip("transformers")
     script = ROOT / "benchmarks" / "step_ab.py"
-    proc = subprocess.run([sys.executable, str(script), "--before", str(ROOT), "--sizes", "tiny", "--rounds", "4"],
+    proc = subprocess.run([sys.executable, str(script), "--before", str(ROOT), "--sizes", "tiny", "--rounds", "4", *flags],
                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert out.startswith("CPU:") and "--before" in out  # the machine, the command
+    assert ("--as-trainer`" in out) == bool(flags)
     row = next(line for line in out.splitlines() if line.startswith("| tiny |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert len(cells) == 7 and all(float(c.split()[0]) > 0 for c in cells[1:4]), row
