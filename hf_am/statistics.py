@@ -58,19 +58,16 @@ def record_step(optimizer, plans: List[GroupPlan], coefficients, device, loss, w
     per_tensor = torch.stack([coefficients.reported, memory, *increments]).index_select(1, idx)  # float64
     keys = (BETA, APPLIED, *counted)
     destinations = [s[key] for key in keys for s in states] + [s[w.key] for w in writes for s in w.states]
-    values = torch.cat((per_tensor.reshape(-1), *(w.values.to(per_tensor.dtype) for w in writes)))
-    n, n_counted = len(states), len(counted)
-    # The kernels that stepped every group store the scalars in one call (hf_am.kernels.cpu.store_scalars);
-    # elsewhere, and where they decline the tensors, torch's ops do the same below.
+    # The kernels that stepped every group store the scalars in one call (hf_am.kernels.cpu.store_scalars),
+    # adding the counts' increments themselves; elsewhere, and where they decline the tensors, torch's ops.
     kernels = _scalar_kernels(plans, device)
-    adds = (0,) * (2 * n) + (1,) * (n_counted * n) + (0,) * (len(destinations) - (2 + n_counted) * n)
-    optimizer._recorded_by = kernels if kernels is not None and kernels.store_scalars(destinations, values, adds) else None
+    optimizer._recorded_by = kernels if kernels is not None and _store_with(kernels, destinations, per_tensor, writes) else None
     if optimizer._recorded_by is None:
         # The counts as one vector each, added and written back with the copies: one copy op over all the
         # scalars is a fraction of a foreach add per count on CPU, where a foreach add of 0-d tensors
         # dispatches once per tensor.  Same bits: each count is the float64 sum rounded to its dtype.
-        counts = torch.stack(destinations[2 * n:(2 + n_counted) * n]).view(n_counted, -1) + per_tensor[2:]
-        values[2 * n:(2 + n_counted) * n] = counts.reshape(-1)
+        counts = torch.stack([s[key] for key in counted for s in states]).view(len(counted), -1) + per_tensor[2:]
+        values = torch.cat((torch.cat((per_tensor[:2], counts)).reshape(-1), *(w.values.to(counts.dtype) for w in writes)))
         # The sources are views of a reused scratch: unbinding `values` anew would build one view per
         # destination every step (~90 us at 234 scalars on CPU, more than the copies themselves).
         staging, sources = optimizer._device_constants.staging(values.numel(), values.dtype, values.device)
@@ -80,6 +77,16 @@ def record_step(optimizer, plans: List[GroupPlan], coefficients, device, loss, w
         value = torch.as_tensor(loss).detach()
         for s in states:
             s[PREV_LOSS] = value.to(device=s[BETA].device, dtype=s[BETA].dtype).clone()
+
+
+def _store_with(kernels, destinations, per_tensor: torch.Tensor, writes: Sequence[ScalarWrite]) -> bool:
+    """``kernels.store_scalars`` of the record: ``per_tensor``'s rows (reported, kept memory, then the
+    counts' increments, added to the counts) and the writes' values, as one float64 vector."""
+    values = torch.cat((per_tensor.reshape(-1), *(w.values.to(per_tensor.dtype) for w in writes)))
+    n_set = 2 * per_tensor.shape[1]
+    n_added = per_tensor.numel() - n_set
+    adds = (0,) * n_set + (1,) * n_added + (0,) * (len(destinations) - n_set - n_added)
+    return kernels.store_scalars(destinations, values, adds)
 
 
 def _scalar_kernels(plans: List[GroupPlan], device):
