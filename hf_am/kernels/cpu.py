@@ -17,7 +17,7 @@ from typing import List, NamedTuple, Optional, Sequence
 import torch
 
 from .cpu_build import build_error, library
-from .interface import TensorLists, inside_storage, remembered_check, tensor_problem
+from .interface import TensorLists, inside_storage, mark_written, remembered_check, tensor_problem
 
 NAME = "cpu"  # the C kernels
 DTYPES = (torch.float32, torch.float64)
@@ -116,6 +116,7 @@ def adamw_update(params, grads, exp_avgs, exp_avg_sqs, beta2: float, eps_scaled,
         float(beta2), call.doubles(eps_scaled), call.doubles(keep), call.doubles(weight), call.doubles(decay), call.doubles(step),
     )  # fmt: skip
     _check(status, "am_adamw_update")
+    mark_written(params, exp_avgs, exp_avg_sqs)
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, beta2: float, eps_scaled, d_scale, bias2_sqrt, prods, eta, eta_b,
@@ -167,6 +168,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, beta2: float, eps_scaled
     if status != 0:
         raise RuntimeError(f"hf_am CPU kernel am_adamw_step failed (status {status}: "
                            f"{'out of memory' if status == 1 else 'arguments out of range'}); nothing was changed")
+    mark_written(params, exp_avgs, exp_avg_sqs)
     return coefficients, prods_new, sums
 
 
@@ -191,6 +193,7 @@ def sgd_update(params, grads, buffers, weight_decay: float, weight, step) -> Non
         call.doubles(weight), call.doubles(step),
     )  # fmt: skip
     _check(status, "am_sgd_update")
+    mark_written(params, buffers)
 
 
 _DTYPE, _IS_CPU = operator.attrgetter("dtype"), operator.attrgetter("is_cpu")
@@ -293,6 +296,7 @@ def store_scalars(destinations: Sequence[torch.Tensor], values: torch.Tensor, ad
     status = lib.am_store_scalars(n, arrays.addresses, arrays.flags, _array(ctypes.c_ubyte, tuple(adds)), values.data_ptr())
     if status != 0:
         raise RuntimeError(f"hf_am CPU kernel am_store_scalars refused its arguments (status {status}); nothing was changed")
+    mark_written(destinations)
     return True
 
 

@@ -27,6 +27,7 @@ from operator import attrgetter
 from typing import Callable, List, Optional, Protocol, Sequence, Tuple, TypeVar, runtime_checkable
 
 import torch
+from torch.autograd.graph import increment_version
 
 TensorLists = Sequence[Sequence[torch.Tensor]]
 T = TypeVar("T")
@@ -41,7 +42,8 @@ class KernelSet(Protocol):
     one entry per tensor (or a number broadcast to all); ``keep=None`` means 1.
     Sums are returned as an ``(n_tensors, 3)`` tensor ``[<d,d>, <g,d>, <g-d,g-d>]``
     in the optimizer's metric (docs/algorithm.md §2, §6).  Phase 1 (``*_sums``)
-    only reads; phase 2 (``*_update``) writes parameters and state in place.
+    only reads; phase 2 (``*_update``) writes parameters and state in place and marks them written
+    (:func:`mark_written`), as torch's in-place ops would.
 
     Optional (not part of the protocol): ``step_coefficients(sums, hyper, has_threshold,
     loss_delta)``, the coefficients of all scopes with the bits of
@@ -71,6 +73,13 @@ class KernelSet(Protocol):
 
     def sgd_update(self, params, grads, buffers, weight_decay: float, weight, step) -> None:
         """``d += weight (g' - d); x += step d``."""
+
+
+def mark_written(*lists: Sequence[torch.Tensor]) -> None:
+    """Tell autograd that compiled code wrote these tensors in place (their version counters move, as a
+    torch in-place op moves them): a graph that saved a parameter before the step then refuses to
+    backward through the changed value, as with torch's own optimizers, instead of computing with it."""
+    increment_version([t for lst in lists for t in lst])
 
 
 def is_dense(t: torch.Tensor) -> bool:

@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .interface import TensorLists, tensor_problem
+from .interface import TensorLists, mark_written, tensor_problem
 
 try:  # Triton ships with torch's CUDA builds; CPU builds and other platforms go without.
     import triton
@@ -251,6 +251,7 @@ def adamw_update(params, grads, exp_avgs, exp_avg_sqs, beta2: float, eps_scaled,
         _scalars(1.0 if keep is None else keep, like, n), _scalars(weight, like, n), _scalars(decay, like, n),
         _scalars(step, like, n), DTYPE=_tl_dtype(like.dtype), BLOCK_C=BLOCK,
     )  # fmt: skip
+    mark_written(params, exp_avgs, exp_avg_sqs)
 
 
 def sgd_sums(grads, params, buffers, weight_decay: float) -> torch.Tensor:
@@ -271,3 +272,4 @@ def sgd_update(params, grads, buffers, weight_decay: float, weight, step) -> Non
         blocks.block_start, _scalars(weight, like, n), _scalars(step, like, n), float(weight_decay),
         DTYPE=_tl_dtype(like.dtype), BLOCK_C=BLOCK,
     )  # fmt: skip
+    mark_written(params, buffers)

@@ -278,3 +278,25 @@ def test_the_gate_checks_one_element_state_freed_under_an_accepted_object():
         with pytest.raises(RuntimeError, match=r"state 'am_applied' has a storage of 0 bytes.*Nothing was changed"):
             opt.step()
         assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+# ----------------------------------------------------------------- autograd sees the writes
+@pytest.mark.parametrize("name", ["am_adamw", "am_sgd"])
+@pytest.mark.parametrize("options", [{}, dict(foreach=True)], ids=["c_kernels", "foreach"])
+def test_a_graph_that_saved_a_parameter_refuses_to_backward_after_a_step(name, options):
+    """torch's in-place ops move a tensor's version counter, so a graph that saved a parameter refuses to
+    backward through it after the optimizer changed it; the compiled kernels write raw memory and must
+    say so (hf_am.kernels.interface.mark_written), or the backward would silently use the new value."""
+    cls = hf_am.AMAdamW if name == "am_adamw" else hf_am.AMSGD
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5, 4))
+    opt = cls([p], lr=1e-2, **options)
+    (p * p).sum().backward()
+    opt.step()  # state exists
+    before = p._version
+    saved = (p * p).sum()  # saves p for its backward
+    opt.step()
+    assert p._version > before
+    assert opt.state[p]["step"]._version > 0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
