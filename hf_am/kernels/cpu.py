@@ -208,13 +208,21 @@ class _CheckedScalars(NamedTuple):
     dtypes: tuple
 
 
-def _check_scalars(tensors: Sequence[torch.Tensor], addresses: tuple, dtypes: tuple) -> Optional[_CheckedScalars]:
+def _plain_scalar_flags(tensors: Sequence[torch.Tensor]) -> Optional[tuple]:
+    """The ``is_double`` flags of plain (not a subclass) one-element float32/float64 CPU tensors that are not
+    lazily negated views (a negated view holds its value un-negated in memory), else ``None``; their
+    storage is not looked at here."""
     if set(map(type, tensors)) != {torch.Tensor} or not all(map(_IS_CPU, tensors)):
         return None
-    flags = tuple(map(_IS_DOUBLE.get, dtypes))
-    if None in flags or set(map(torch.Tensor.numel, tensors)) != {1}:
+    flags = tuple(map(_IS_DOUBLE.get, map(_DTYPE, tensors)))
+    if None in flags or set(map(torch.Tensor.numel, tensors)) != {1} or any(map(torch.Tensor.is_neg, tensors)):
         return None
-    if any(map(torch.Tensor.is_neg, tensors)) or not inside_storage(tensors) or 0 in addresses:
+    return flags
+
+
+def _check_scalars(tensors: Sequence[torch.Tensor], addresses: tuple, dtypes: tuple) -> Optional[_CheckedScalars]:
+    flags = _plain_scalar_flags(tensors)
+    if flags is None or 0 in addresses or not inside_storage(tensors):
         return None
     return _CheckedScalars((ctypes.c_void_p * len(addresses))(*addresses), (ctypes.c_ubyte * len(flags))(*flags), dtypes)
 
@@ -259,22 +267,18 @@ def adamw_scalars(steps: Sequence[torch.Tensor], prods: Sequence[torch.Tensor], 
         if status != 0:
             raise RuntimeError(f"hf_am CPU kernel am_adamw_scalars refused its arguments (status {status}); nothing was changed")
         return out
-    # Declined: say why (a tensor outside its storage is an error, anything else runs the torch definitions).
-    if set(map(type, tensors)) != {torch.Tensor} or set(map(_DTYPE, tensors)) != {dtype}:
+    # Declined: say why.  Anything but plain one-element tensors of `dtype` runs the torch definitions; plain
+    # ones declined lie outside their storage, an error (torch's ops would crash on them too).
+    if lib is None or _plain_scalar_flags(tensors) is None or set(map(_DTYPE, tensors)) != {dtype}:
         return None
-    if not all(map(_IS_CPU, tensors)) or set(map(torch.Tensor.numel, tensors)) != {1} or any(map(torch.Tensor.is_neg, tensors)):
-        return None  # is_neg: a lazily negated view holds the value un-negated in memory
-    lib = library()
-    if lib is None:
-        return None
-    if not inside_storage(tensors):  # a declined call would send them to torch ops, which crash on them too
-        bad = next(i for i, t in enumerate(tensors) if not inside_storage((t,)))
-        kind, which = ("step count", bad) if bad < n else ("product of coefficients", bad - n)
-        raise RuntimeError(
-            f"AM-AdamW's {kind} of tensor {which} of this call lies outside its storage (freed or shrunk under it, "
-            "e.g. untyped_storage().resize_()): give the state a materialised tensor. Nothing was changed."
-        )
-    return None  # only a NULL address is left, which lies outside any storage
+    bad = next((i for i, t in enumerate(tensors) if not inside_storage((t,))), None)
+    if bad is None:
+        return None  # only a NULL address is left, which lies outside any storage
+    kind, which = ("step count", bad) if bad < n else ("product of coefficients", bad - n)
+    raise RuntimeError(
+        f"AM-AdamW's {kind} of tensor {which} of this call lies outside its storage (freed or shrunk under it, "
+        "e.g. untyped_storage().resize_()): give the state a materialised tensor. Nothing was changed."
+    )
 
 
 def store_scalars(destinations: Sequence[torch.Tensor], values: torch.Tensor, adds: Sequence[bool]) -> bool:
