@@ -80,7 +80,6 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         self._load_count = 0  # part of the layout signature: a resumed run checks its layout again
         self._device_constants = DeviceConstants()
         self._scope_reps: Dict[Any, Dict[str, Any]] = {}
-        self._recorded_by = None  # hf_am.statistics.record_step: the kernel set that stored the latest statistics
         self._prev_loss_placeholder = False  # see step(): am_prev_loss of a state-initialising step
         self._gate_accepted: Dict[int, tuple] = {}  # hf_am.gate: the one-element state it accepted, per group
 
@@ -380,7 +379,6 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         self._prev_loss_placeholder = False
         self._load_count += 1
         self._scope_reps.clear()
-        self._recorded_by = None
 
     # ------------------------------------------------------------------- copies
     #: attributes beyond torch's (defaults, state, param_groups) that a copy must keep

@@ -28,7 +28,7 @@ class ScalarWrite(NamedTuple):
     values: torch.Tensor  #: 1-D, one value per state
 
 
-def record_step(optimizer, plans: List[GroupPlan], coefficients, device, loss, writes: Sequence[ScalarWrite] = ()) -> None:
+def record_step(optimizer, plans: List[GroupPlan], coefficients, device, loss, writes: Sequence[ScalarWrite] = ()):
     """Store each scope's reported and applied coefficients, restart and fallback counts and (exact mode)
     the loss in every member's state, and phase 2's ``writes``, for all groups of the step at once: one
     copy op over every per-tensor scalar of the step, where on CPU each foreach op over 0-d tensors
@@ -36,7 +36,8 @@ def record_step(optimizer, plans: List[GroupPlan], coefficients, device, loss, w
     with the applied coefficient and restart flags the update used (on a rank disagreement: every momentum
     kept, no restart); the applied coefficient stored is the one the update multiplied the old momentum
     by, 0 after a restart.  Values are rounded to each destination's dtype once, as a copy or an in-place
-    add into it would round them."""
+    add into it would round them.  Returns the kernel set that stored the scalars, ``None`` where torch's
+    ops did (or there was nothing to store)."""
     applied, restart = coefficients.applied, coefficients.restart
     by_plan = [list(map(optimizer.state.__getitem__, plan.params)) for plan in plans]
     states = list(chain.from_iterable(by_plan))
@@ -61,8 +62,8 @@ def record_step(optimizer, plans: List[GroupPlan], coefficients, device, loss, w
     # The kernels that stepped every group store the scalars in one call (hf_am.kernels.cpu.store_scalars),
     # adding the counts' increments themselves; elsewhere, and where they decline the tensors, torch's ops.
     kernels = _scalar_kernels(plans, device)
-    optimizer._recorded_by = kernels if kernels is not None and _store_with(kernels, destinations, per_tensor, writes) else None
-    if optimizer._recorded_by is None:
+    if kernels is None or not _store_with(kernels, destinations, per_tensor, writes):
+        kernels = None
         # The counts as one vector each, added and written back with the copies: one copy op over all the
         # scalars is a fraction of a foreach add per count on CPU, where a foreach add of 0-d tensors
         # dispatches once per tensor.  Same bits: each count is the float64 sum rounded to its dtype.
@@ -77,6 +78,7 @@ def record_step(optimizer, plans: List[GroupPlan], coefficients, device, loss, w
         value = torch.as_tensor(loss).detach()
         for s in states:
             s[PREV_LOSS] = value.to(device=s[BETA].device, dtype=s[BETA].dtype).clone()
+    return kernels
 
 
 def _store_with(kernels, destinations, per_tensor: torch.Tensor, writes: Sequence[ScalarWrite]) -> bool:

@@ -185,7 +185,6 @@ def test_record_step_stores_the_bits_of_the_torch_ops(dtype, restart_threshold):
     """record_step on the C store and on torch's ops, from equal state with equal coefficients: equal bits
     in every one-element state entry, and equal summaries."""
     c_side, torch_side = _optimizer(dtype, restart_threshold), _optimizer(dtype, restart_threshold)
-    assert c_side._recorded_by is cpu, "the C kernels stepped every group, so they stored the statistics"
     assert _scalar_bits(c_side) == _scalar_bits(torch_side)
     gen = torch.Generator().manual_seed(3)
     for trial in range(4):
@@ -205,29 +204,34 @@ def test_record_step_stores_the_bits_of_the_torch_ops(dtype, restart_threshold):
         prods, steps = torch.rand(len(states), generator=gen).to(acc), torch.arange(len(states), dtype=acc) + trial
         writes_c = [statistics.ScalarWrite(states, PROD, prods), statistics.ScalarWrite(states, "step", steps)]
         writes_t = [statistics.ScalarWrite(states_t, PROD, prods), statistics.ScalarWrite(states_t, "step", steps)]
-        statistics.record_step(c_side, plans_c, coefficients, layout.device, None, writes_c)
-        statistics.record_step(torch_side, plans_t, coefficients, layout.device, None, writes_t)
-        assert c_side._recorded_by is cpu and torch_side._recorded_by is None
+        stored_by_c = statistics.record_step(c_side, plans_c, coefficients, layout.device, None, writes_c)
+        stored_by_torch = statistics.record_step(torch_side, plans_t, coefficients, layout.device, None, writes_t)
+        assert stored_by_c is cpu and stored_by_torch is None, "the comparison must be of the C store and torch's ops"
         assert _scalar_bits(c_side) == _scalar_bits(torch_side)
         summary_c, summary_t = c_side.beta_summary_tensor(), torch_side.beta_summary_tensor()
         assert [_bits(x) for x in summary_c] == [_bits(x) for x in summary_t]
 
 
 def test_other_paths_and_loaded_state_record_with_torch_ops():
-    """fused=False means no compiled code for that optimizer: its statistics are stored by torch's ops;
-    after load_state_dict nothing is remembered as recorded by the kernels until the next step."""
+    """fused=False means no compiled code for that optimizer: its statistics are stored by torch's ops; the
+    C kernels' groups store theirs in C, before and after load_state_dict."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
     for p in params:
         p.grad = torch.randn_like(p)
+
+    def stores_with(opt):
+        plans, layout = plan_step(opt)
+        return statistics._scalar_kernels(plans, layout.device)
+
     foreach = hf_am.AMAdamW(params, fused=False)
     foreach.step()
-    assert foreach._recorded_by is None
+    assert stores_with(foreach) is None
     fused = hf_am.AMAdamW(params)
     fused.step()
-    assert fused._recorded_by is cpu
+    assert stores_with(fused) is cpu
     fused.load_state_dict(fused.state_dict())
-    assert fused._recorded_by is None
+    assert stores_with(fused) is cpu
     summary = fused.beta_summary_tensor()  # from the loaded state
     assert summary.shape == (8,) and not torch.isnan(summary).all()
 
