@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import operator
-import threading
-from collections import OrderedDict
 from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
 from .cpu_build import build_error, library
-from .interface import TensorLists, inside_storage, mark_written, remembered_check, tensor_problem
+from .interface import BoundedCache, TensorLists, inside_storage, mark_written, remembered_check, tensor_problem
 
 NAME = "cpu"  # the C kernels
 DTYPES = (torch.float32, torch.float64)
@@ -36,23 +34,15 @@ def decline(lists: TensorLists, mirrored: bool = False) -> Optional[str]:
 # storage between steps (and gradients do under zero_grad(set_to_none=False)), so a step usually
 # finds its arrays here instead of building them (a few tens of microseconds each at 200 tensors).
 # The arrays are read-only to the kernels; a call holds its own references, so eviction is safe.
-_ARRAYS: "OrderedDict[tuple, ctypes.Array]" = OrderedDict()
-_ARRAYS_MAX = 64
-_ARRAYS_LOCK = threading.Lock()
+_ARRAYS = BoundedCache(64)
 
 
 def _array(ctype, values: tuple):
     key = (ctype, values)
-    with _ARRAYS_LOCK:
-        arr = _ARRAYS.get(key)
-        if arr is not None:
-            _ARRAYS.move_to_end(key)
-            return arr
-    arr = (ctype * len(values))(*values)
-    with _ARRAYS_LOCK:
-        _ARRAYS[key] = arr
-        while len(_ARRAYS) > _ARRAYS_MAX:
-            _ARRAYS.popitem(last=False)
+    arr = _ARRAYS.get(key)
+    if arr is None:
+        arr = (ctype * len(values))(*values)
+        _ARRAYS.put(key, arr)
     return arr
 
 

@@ -24,7 +24,7 @@ import threading
 from collections import OrderedDict
 from itertools import chain
 from operator import attrgetter
-from typing import Callable, List, Optional, Protocol, Sequence, Tuple, TypeVar, runtime_checkable
+from typing import Callable, Hashable, List, Optional, Protocol, Sequence, Tuple, TypeVar, runtime_checkable
 
 import torch
 from torch.autograd.graph import increment_version
@@ -148,15 +148,55 @@ def inside_storage(tensors: Sequence[torch.Tensor], own_bytes=None, itemsizes=No
         return False
 
 
+class BoundedCache:
+    """A thread-safe map of at most ``max_entries`` entries that forgets the least recently used first.
+
+    For what the kernel layer derives from a step's tensors and would otherwise derive again next step
+    (ctypes arrays of addresses, the verdicts of full checks): a training loop hands the same few lists
+    every step, so a handful of entries covers it, and the bound keeps a process that builds many
+    optimizers from growing the cache without end.  ``None`` is never stored (``get`` returns it for
+    "absent").  Entries are dropped, never invalidated: a key must say everything its value depends on."""
+
+    def __init__(self, max_entries: int):
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be at least 1, got {max_entries!r}")
+        self.max_entries = max_entries
+        self._entries: "OrderedDict[Hashable, object]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable):
+        """The value stored under ``key`` (now the most recently used), or ``None``."""
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, key: Hashable, value) -> None:
+        """Store ``value`` (not ``None``) under ``key``, dropping the least recently used beyond the bound."""
+        if value is None:
+            raise ValueError("BoundedCache does not store None (get() returns None for an absent key)")
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 # What a full check found for a list of tensors, by the list's addresses: (the tensor objects, their dtypes,
 # the result).  Holding the objects keeps their memory alive, so for the same objects at the same addresses
 # with the same dtypes the check need not run again: a storage cannot shrink in place (resizing it
 # reallocates, and freeing it leaves address 0 plus the offset), so every byte the check found inside a live
 # allocation still is; the dtypes are compared, since `.data` can give an object another dtype at one
 # address.  About 0.2 us a tensor, against ~0.7 us for the full checks of one-element state.
-_REMEMBERED: "OrderedDict[tuple, tuple]" = OrderedDict()
-_REMEMBERED_MAX = 64
-_REMEMBERED_LOCK = threading.Lock()
+_REMEMBERED = BoundedCache(64)
 
 
 def remembered_check(kind: str, tensors: Sequence[torch.Tensor], check: Callable[[Sequence[torch.Tensor], tuple, tuple], T],
@@ -174,17 +214,12 @@ def remembered_check(kind: str, tensors: Sequence[torch.Tensor], check: Callable
     except (RuntimeError, NotImplementedError, TypeError, AttributeError):  # no storage (a wrapper subclass), no tensor
         return None
     key = (kind, addresses)
-    with _REMEMBERED_LOCK:
-        seen = _REMEMBERED.get(key)
-        if seen is not None and seen[1] == dtypes and all(map(operator.is_, seen[0], tensors)):
-            _REMEMBERED.move_to_end(key)
-            return seen[2]
+    seen = _REMEMBERED.get(key)
+    if seen is not None and seen[1] == dtypes and all(map(operator.is_, seen[0], tensors)):
+        return seen[2]
     result = check(tensors, addresses, dtypes)
     if result is not None and result is not False:
-        with _REMEMBERED_LOCK:
-            _REMEMBERED[key] = (tuple(tensors), dtypes, result)
-            while len(_REMEMBERED) > _REMEMBERED_MAX:
-                _REMEMBERED.popitem(last=False)
+        _REMEMBERED.put(key, (tuple(tensors), dtypes, result))
     return result
 
 

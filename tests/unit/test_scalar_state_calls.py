@@ -266,6 +266,55 @@ def test_a_remembered_check_runs_again_exactly_when_objects_addresses_or_dtypes_
     assert len(calls) == 5
 
 
+def test_the_bounded_cache_forgets_the_least_recently_used_and_stays_bounded_under_threads():
+    """One LRU class holds the remembered checks and the C kernels' ctypes arrays: a wrong eviction order
+    would drop the entries a training loop reuses every step, a missing bound would grow without end in a
+    process that builds many optimizers, and a lost lock would break the bound under threads."""
+    import threading
+
+    from hf_am.kernels.interface import BoundedCache
+
+    cache = BoundedCache(3)
+    for key in "abc":
+        cache.put(key, key.upper())
+    assert cache.get("a") == "A"  # now the most recently used: "b" goes first
+    cache.put("d", "D")
+    assert len(cache) == 3 and cache.get("b") is None and [cache.get(k) for k in "acd"] == ["A", "C", "D"]
+    cache.put("c", "C2")  # a new value for a key replaces it and makes it the most recent
+    cache.put("e", "E")
+    assert cache.get("a") is None and cache.get("c") == "C2"
+    with pytest.raises(ValueError, match="does not store None"):
+        cache.put("x", None)
+    with pytest.raises(ValueError, match="max_entries must be at least 1, got 0"):
+        BoundedCache(0)
+
+    shared = BoundedCache(8)
+    workers = [threading.Thread(target=lambda n=n: [shared.put((n, i), i + 1) for i in range(2000)]) for n in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(shared) == 8
+
+    # The kernels' arrays: equal values give the same ctypes array (built once), and it holds the values.
+    first = cpu._array(ctypes.c_int64, (3, 1, 4))
+    assert cpu._array(ctypes.c_int64, (3, 1, 4)) is first and list(first) == [3, 1, 4]
+    assert list(cpu._array(ctypes.c_int64, ())) == []
+
+
+def test_a_remembered_check_evicted_by_many_others_runs_again():
+    from hf_am.kernels import interface
+
+    calls = []
+    a = torch.tensor(1.0)
+    interface.remembered_check("evict", [a], lambda t, ad, d: calls.append(1) or True)
+    others = [torch.tensor(float(i)) for i in range(interface._REMEMBERED.max_entries)]
+    for t in others:  # as many other lists as the cache holds: the first falls out
+        interface.remembered_check("evict", [t], lambda t, ad, d: True)
+    interface.remembered_check("evict", [a], lambda t, ad, d: calls.append(1) or True)
+    assert calls == [1, 1]
+
+
 def test_the_gate_checks_one_element_state_freed_under_an_accepted_object():
     """The gate accepts one-element state by identity once the walk has seen it; a storage freed under such
     an object afterwards is found the next step (before anything changes), on every path."""
