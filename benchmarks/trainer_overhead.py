@@ -14,10 +14,21 @@ the baseline's median step; the table gives the median and range over pairs.
 
 Sizes: ``tiny`` and ``small`` are ``recipes/configs/llama_tiny.json`` /
 ``llama_small.json``; ``w512`` is the width of ``llama_60m.json`` (hidden 512,
-vocabulary 32000) with 2 layers instead of 8, so that it trains on a few CPU cores.
+vocabulary 32000) with 2 layers instead of 8, so that it trains on a few CPU cores;
+``60m`` is ``llama_60m.json`` itself (for a GPU).
+
+On a GPU (``--device cuda``) the host's clock would time only the launches, so the
+callback records CUDA events instead (no synchronisation inside the timed steps): a
+step and its optimizer part are the device-timeline intervals between the events,
+which include the device's idle waits for the host where the step is bound by
+launches.  ``--bf16`` trains in the Trainer's bf16 mixed precision (float32
+parameters and optimizer state, as the recipes do).  Every run also reports its
+throughput, tokens per second of wall time over the timed steps (one synchronisation
+before the first and after the last).
 
     python benchmarks/trainer_overhead.py                      # tiny, small, w512; 3 pairs
     python benchmarks/trainer_overhead.py --sizes tiny small --pairs 5 --steps 20
+    python benchmarks/trainer_overhead.py --device cuda --bf16 --sizes 60m --fused --steps 200 --batch-size 64 --seq-len 256
     python benchmarks/trainer_overhead.py --quick --out-dir /tmp/x   # smoke test, < 60 s
 
 Writes ``trainer_overhead_<tag>.md`` (the table, the machine, the command) and
@@ -46,14 +57,15 @@ SIZES = {
     "tiny": ("llama_tiny.json", {}),
     "small": ("llama_small.json", {}),
     "w512": ("llama_60m.json", {"num_hidden_layers": 2}),
+    "60m": ("llama_60m.json", {}),
 }
 FOREACH = "adamw_torch"  # run with foreach=True (see module docstring)
 
 
-def machine() -> str:
+def machine(device: str) -> str:
     from _machine import describe  # benchmarks/_machine.py, next to this script
 
-    return describe("cpu")
+    return describe(device)
 
 
 def model_config(size: str):
@@ -82,11 +94,41 @@ class TokenData:
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def timing_callback(store: Dict[str, List[float]], optim: str):
+class _HostClock:
+    """Marks on the host's clock (CPU training: the work happens where it is launched)."""
+
+    def mark(self):
+        return time.perf_counter()
+
+    def seconds(self, start, end) -> float:
+        return end - start
+
+
+class _DeviceClock:
+    """Marks as CUDA events: recording one does not wait for the device, reading them after the run does."""
+
+    def mark(self):
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        return start.elapsed_time(end) / 1e3  # ms -> s; valid once the run has synchronised
+
+
+def timing_callback(store: Dict[str, List], optim: str, clock, warmup: int):
     from transformers import TrainerCallback
 
+    def sync():
+        import torch
+
+        if torch.cuda.is_available() and isinstance(clock, _DeviceClock):
+            torch.cuda.synchronize()
+
     class StepTimer(TrainerCallback):
-        """Wall time of each step and of its optimizer part."""
+        """Marks around each step and its optimizer part; wall time over the timed steps for throughput."""
 
         def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
             if optim == FOREACH and optimizer is not None:
@@ -99,31 +141,41 @@ def timing_callback(store: Dict[str, List[float]], optim: str):
                 store["optimizer_class"] = [f"{type(inner).__module__}.{type(inner).__name__}"]
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self._t_step = time.perf_counter()
+            if state.global_step == warmup:  # the first timed step
+                sync()
+                store["wall_start"] = [time.perf_counter()]
+            self._t_step = clock.mark()
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            self._t_opt = time.perf_counter()
+            self._t_opt = clock.mark()
 
         def on_optimizer_step(self, args, state, control, **kwargs):
-            store["optimizer"].append(time.perf_counter() - self._t_opt)
+            store["optimizer_marks"].append((self._t_opt, clock.mark()))
 
         def on_step_end(self, args, state, control, **kwargs):
-            store["step"].append(time.perf_counter() - self._t_step)
+            store["step_marks"].append((self._t_step, clock.mark()))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            sync()
+            store["wall_end"] = [time.perf_counter()]
 
     return StepTimer()
 
 
-def train_once(size: str, optim: str, steps: int, warmup: int, batch: int, seq_len: int, workdir: str):
-    """One Trainer run; returns (median step s, median optimizer s, params, optimizer class) over the timed steps."""
+def train_once(size: str, optim: str, steps: int, warmup: int, batch: int, seq_len: int, workdir: str,
+               device: str = "cpu", bf16: bool = False):
+    """One Trainer run; returns (median step s, median optimizer s, tokens/s, params, optimizer class) over the timed steps."""
     import torch
     from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+
+    clock = _DeviceClock() if device == "cuda" else _HostClock()
 
     config = model_config(size)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     params = sum(p.numel() for p in model.parameters())
     data = TokenData((steps + warmup) * batch, seq_len, config.vocab_size)
-    store: Dict[str, List] = {"step": [], "optimizer": []}
+    store: Dict[str, List] = {"step_marks": [], "optimizer_marks": []}
     args = TrainingArguments(
         output_dir=workdir,
         optim=optim,
@@ -137,16 +189,24 @@ def train_once(size: str, optim: str, steps: int, warmup: int, batch: int, seq_l
         eval_strategy="no",
         report_to=[],
         disable_tqdm=True,
-        use_cpu=True,
+        use_cpu=device == "cpu",
+        bf16=bf16,
         dataloader_num_workers=0,
         seed=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[timing_callback(store, optim)])
+    callback = timing_callback(store, optim, clock, warmup)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
     trainer.train()
-    step, opt = store["step"][warmup:], store["optimizer"][warmup:]
+    step = [clock.seconds(a, b) for a, b in store["step_marks"][warmup:]]
+    opt = [clock.seconds(a, b) for a, b in store["optimizer_marks"][warmup:]]
     if len(step) != steps or len(opt) != steps:
         raise RuntimeError(f"{optim}: timed {len(step)} steps and {len(opt)} optimizer steps, expected {steps}")
-    return statistics.median(step), statistics.median(opt), params, store.get("optimizer_class", ["?"])[0]
+    tokens_per_s = steps * batch * seq_len / (store["wall_end"][0] - store["wall_start"][0])
+    cls = store.get("optimizer_class", ["?"])[0]
+    del trainer, model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return statistics.median(step), statistics.median(opt), tokens_per_s, params, cls
 
 
 def spread(values: List[float], fmt: str = "{:.1f}", scale: float = 1.0) -> str:
@@ -164,10 +224,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--fused", action="store_true", help="also run adamw_torch_fused in every round")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the Trainer trains (default cpu)")
+    parser.add_argument("--bf16", action="store_true", help="the Trainer's bf16 mixed precision (needs --device cuda)")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--tag", default="cpu", help="file name suffix")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny model, 1 pair, 3 steps (< 60 s)")
     args = parser.parse_args(argv)
+    if args.bf16 and args.device != "cuda":
+        parser.error("--bf16 needs --device cuda (bf16 mixed precision on CPU is not what this measures)")
     if args.quick:
         args.sizes, args.pairs, args.steps, args.warmup, args.batch_size, args.seq_len = ["tiny"], 1, 3, 1, 2, 32
 
@@ -177,14 +241,19 @@ def main(argv=None) -> int:
     import hf_am  # noqa: F401  registers --optim am_adamw
 
     transformers.logging.set_verbosity_error()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch here")
     if args.threads:
         torch.set_num_threads(args.threads)
     baselines = [FOREACH] + (["adamw_torch_fused"] if args.fused else [])
     label = {"am_adamw": "am_adamw", FOREACH: "adamw_torch (foreach)", "adamw_torch_fused": "adamw_torch_fused"}
     command = "python benchmarks/trainer_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    where = machine()
+    where = machine(args.device)
+    precision = "bf16 mixed precision" if args.bf16 else "float32"
+    timing = "CUDA events" if args.device == "cuda" else "host clock"
     print(where)
-    print(f"batch {args.batch_size} x {args.seq_len} tokens, {args.steps} timed steps after {args.warmup}, {args.pairs} pairs")
+    print(f"batch {args.batch_size} x {args.seq_len} tokens, {args.steps} timed steps after {args.warmup}, "
+          f"{args.pairs} pairs; {args.device}, {precision}, timed by {timing}")
 
     results = {}  # size -> optim -> list of (step s, optimizer s) per pair
     info = {}
@@ -196,33 +265,37 @@ def main(argv=None) -> int:
                 if pair % 2:
                     order.reverse()
                 for optim in order:
-                    step, opt, params, cls = train_once(
-                        size, optim, args.steps, args.warmup, args.batch_size, args.seq_len, workdir
-                    )
-                    runs[optim].append((step, opt))
+                    step, opt, tps, params, cls = train_once(
+                        size, optim, args.steps, args.warmup, args.batch_size, args.seq_len, workdir,
+                        args.device, args.bf16,
+                    )  # fmt: skip
+                    runs[optim].append((step, opt, tps))
                     info[(size, optim)] = cls
-                    print(f"  {size} pair {pair} {label[optim]:22s} step {step*1e3:8.1f} ms  optimizer {opt*1e3:7.2f} ms", flush=True)
+                    print(f"  {size} pair {pair} {label[optim]:22s} step {step*1e3:8.1f} ms  optimizer {opt*1e3:7.2f} ms"
+                          f"  {tps:9.0f} tokens/s", flush=True)
             results[size] = (params, runs)
 
     header = (
         "| model | params | optimizer | step ms | optimizer ms | optimizer share of step "
-        "| AM-AdamW extra optimizer time, share of this baseline's step |"
+        "| AM-AdamW extra optimizer time, share of this baseline's step | tokens/s | AM-AdamW tokens/s vs this |"
     )
-    rule = "|---|---|---|---|---|---|---|"
+    rule = "|---|---|---|---|---|---|---|---|---|"
     rows = []
     shares: Dict[str, Dict[str, List[float]]] = {}
     for size, (params, runs) in results.items():
         for optim, vals in runs.items():
             steps, opts = [v[0] for v in vals], [v[1] for v in vals]
-            extra = "(this is AM-AdamW)"
+            extra = throughput = "(this is AM-AdamW)"
             if optim != "am_adamw":
                 per_pair = [(a[1] - b[1]) / b[0] for a, b in zip(runs["am_adamw"], vals)]
                 shares.setdefault(optim, {})[size] = per_pair
                 extra = spread(per_pair, "{:+.2f}%", 100.0)
+                throughput = spread([a[2] / b[2] for a, b in zip(runs["am_adamw"], vals)], "{:.1f}%", 100.0)
             own = [o / s for s, o in zip(steps, opts)]
             rows.append(
                 f"| {size} | {params/1e6:.2f}M | {label[optim]} | {spread(steps, scale=1e3)} | "
-                f"{spread(opts, '{:.2f}', 1e3)} | {spread(own, '{:.1f}%', 100.0)} | {extra} |"
+                f"{spread(opts, '{:.2f}', 1e3)} | {spread(own, '{:.1f}%', 100.0)} | {extra} | "
+                f"{spread([v[2] for v in vals], '{:.0f}')} | {throughput} |"
             )
     table = "\n".join([header, rule] + rows)
     print(table)
@@ -233,6 +306,7 @@ def main(argv=None) -> int:
     md.write_text(
         f"# Trainer step and optimizer time: AM-AdamW vs torch AdamW\n\n{where}\n\n"
         f"Command: `{command}`\n\n"
+        f"{args.device}, {precision}, step and optimizer part timed by {timing}. "
         f"Batch {args.batch_size} x {args.seq_len} tokens, {args.steps} timed steps after {args.warmup} untimed, "
         f"{args.pairs} alternating pairs per model; medians over pairs with their range (each pair: the "
         f"median over its timed steps). Optimizer classes: "
