@@ -217,7 +217,9 @@ UNSUPPORTED_TORCH_OPTIONS: Dict[str, str] = {
     "dampening": "AM-SGD always uses the damped form d <- b d + (1 - b) g (what SGD(momentum=b, dampening=b) "
     "computes); the coefficient b is chosen every step",
     "differentiable": "the closed-form coefficient and the compiled kernels run under torch.no_grad()",
-    "capturable": "CUDA-graph capture of step() is not supported yet",
+    "capturable": "CUDA-graph capture needs no flag here: on a CUDA device step() keeps its step counts, "
+    "coefficients and restart flags on the device and can be captured as it is (torch.cuda.graph; make lr a "
+    "CUDA tensor to change it between replays; docs/algorithm.md §10)",
     "decoupled_weight_decay": "AM-AdamW's weight decay is always decoupled, AM-SGD's always coupled",
 }
 

@@ -56,6 +56,25 @@ from .statistics import BetaStatistics, ScalarWrite, record_step
 logger = logging.getLogger("hf_am")
 
 
+def remember_lr(group: Dict[str, Any]) -> None:
+    """Keep this step's lr as the next step's previous lr (docs/algorithm.md §3).
+
+    A tensor lr is updated in place by schedulers, so a copy is kept; after the first step the copy
+    is refreshed in place, so that a step captured in a CUDA graph reads and writes the same buffer
+    on every replay (a new tensor would leave the graph reading the lr of the step before capture).
+    """
+    lr = group["lr"]
+    if not isinstance(lr, torch.Tensor):
+        group[PREV_LR] = lr
+        return
+    prev = group.get(PREV_LR)
+    if (isinstance(prev, torch.Tensor) and prev is not lr and prev.device == lr.device and prev.dtype == lr.dtype
+            and prev.shape == lr.shape and not prev.requires_grad):
+        prev.copy_(lr.detach())
+    else:
+        group[PREV_LR] = lr.detach().clone()
+
+
 class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
     """Base class: the step's sequence; subclasses provide the rules, the state and both phases."""
 
@@ -200,8 +219,7 @@ class AMOptimizer(BetaStatistics, torch.optim.Optimizer):
         if whole is None:
             coefficients, writes = self._coefficients_and_update(plans, runs, layout, sums, mismatch, loss_delta)
         for plan in plans:
-            lr = plan.group["lr"]  # a tensor lr is updated in place by schedulers: keep a copy
-            plan.group[PREV_LR] = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
+            remember_lr(plan.group)
         record_step(self, plans, coefficients, layout.device, torch.zeros(()) if initialising else loss, writes)
         # After a state-initialising step am_prev_loss is a placeholder (0): it gives the state its
         # keys (DCP loads only the keys the state already has), but no step may difference it.

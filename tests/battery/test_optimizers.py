@@ -303,6 +303,34 @@ def test_tensor_learning_rate_equals_float_learning_rate(name):
     assert max_param_diff(*results) < 1e-6
 
 
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_previous_tensor_lr_is_one_buffer_refreshed_in_place(name):
+    """The previous lr of a tensor lr is kept in one buffer, refreshed in place after the first step: a step
+    captured in a CUDA graph then reads and writes the same buffer on every replay (tests/gpu/test_cuda_graph.py).
+    It holds the last step's value and is never the lr tensor itself (a scheduler's fill_ must not reach it)."""
+    model = make_model()
+    lr = torch.tensor(1e-2)
+    opt = OPTIMIZERS[name](model.parameters(), lr=lr)
+    buffers = []
+    for k, batch in enumerate(make_batches(4)):
+        lr.fill_(1e-2 * (k + 1))
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        opt.step()
+        prev = opt.param_groups[0]["am_prev_lr"]
+        assert prev is not lr and prev.item() == pytest.approx(1e-2 * (k + 1))
+        buffers.append(prev)
+    assert all(b is buffers[0] for b in buffers)
+    lr.fill_(5.0)
+    assert buffers[0].item() == pytest.approx(4e-2)
+    opt.param_groups[0]["am_prev_lr"] = torch.tensor(4e-2, dtype=torch.float64)  # e.g. loaded: another dtype
+    opt.zero_grad()
+    loss_fn(model, make_batches(1)[0]).backward()
+    opt.step()
+    prev = opt.param_groups[0]["am_prev_lr"]
+    assert prev.dtype == lr.dtype and prev.item() == pytest.approx(5.0)
+
+
 # ----------------------------------------------------------- 5. state_dict round trip
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
