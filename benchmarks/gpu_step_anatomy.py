@@ -50,12 +50,14 @@ CANDIDATES = {
 
 
 def make_tensors(size_m: float, dtype: torch.dtype):
+    """LLaMA-like parameters on the GPU with fixed random gradients; ``(params, parameter count)``."""
     gen = torch.Generator(device="cuda").manual_seed(0)
-    params, grads = [], []
+    params = []
     for shape in llama_like_shapes(int(size_m * 1e6)):
-        params.append(torch.nn.Parameter(torch.randn(shape, generator=gen, device="cuda").to(dtype)))
-        grads.append((torch.randn(shape, generator=gen, device="cuda") * 1e-2).to(dtype))
-    return params, grads
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen, device="cuda").to(dtype))
+        p.grad = (torch.randn(shape, generator=gen, device="cuda") * 1e-2).to(dtype)
+        params.append(p)
+    return params, sum(p.numel() for p in params)
 
 
 def time_steps(opt, steps: int):
@@ -92,10 +94,7 @@ def anatomy(sizes, dtype, steps: int, lines: list) -> None:
     lines.append("|---|---|---|---|---|---|")
     tables = []
     for size in sizes:
-        params, grads = make_tensors(size, dtype)
-        n = sum(p.numel() for p in params)
-        for p, g in zip(params, grads):
-            p.grad = g
+        params, n = make_tensors(size, dtype)
         for name, make in CANDIDATES.items():
             opt = make(params)
             for _ in range(3):  # lazy state, compiled kernels, cached tables
@@ -108,7 +107,7 @@ def anatomy(sizes, dtype, steps: int, lines: list) -> None:
             if name.startswith("AM-AdamW"):
                 tables.append(f"### {name}, {n/1e6:.1f}M: host operators over 5 steps\n\n```\n{table}\n```\n")
             del opt
-        del params, grads
+        del params
         torch.cuda.empty_cache()
     lines.append("")
     lines.extend(tables)
@@ -128,10 +127,7 @@ def graph_replays(sizes, dtype, steps: int, lines: list) -> None:
     lines.append("| params | tensors | optimizer | device ms per replay |")
     lines.append("|---|---|---|---|")
     for size in sizes:
-        params, grads = make_tensors(size, dtype)
-        n = sum(p.numel() for p in params)
-        for p, g in zip(params, grads):
-            p.grad = g
+        params, n = make_tensors(size, dtype)
         for name, make in GRAPH_CANDIDATES.items():
             opt = make(params)
             side = torch.cuda.Stream()
@@ -156,7 +152,7 @@ def graph_replays(sizes, dtype, steps: int, lines: list) -> None:
             print(row, flush=True)
             lines.append(row)
             del graph, opt
-        del params, grads
+        del params
         torch.cuda.empty_cache()
     lines.append("")
 
