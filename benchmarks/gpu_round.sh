@@ -14,11 +14,19 @@
 # (The names say h200 because that is the machine this project is lent; the files name the GPU
 # they ran on in their first lines.)
 set -uo pipefail
+case "${1:-}" in
+  -h|--help) sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  -*) echo "usage: bash $0 [OUT_DIR]   (--help for what it runs)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results/gpu_round}
-mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 py=${PYTHON:-python3}
+if ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu_round.sh: torch ($py) sees no CUDA device here; this script measures a GPU" >&2
+  exit 2
+fi
+mkdir -p "$out"
 log="$out/run.log"
 : > "$log"
 part() {  # part SECONDS TITLE COMMAND...: run with a limit, log, and go on whatever it returns
