@@ -98,3 +98,27 @@ def test_step_ab_compares_two_checkouts_in_one_process(flags):
     bad = subprocess.run([sys.executable, str(script), "--before", str(ROOT / "docs")], capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
     assert bad.returncode != 0 and "holds no hf_am package" in bad.stderr
+
+
+def test_trainer_overhead_refuses_bf16_on_cpu():
+    proc = _run("--bf16", timeout=120)
+    assert proc.returncode == 2 and "--bf16 needs --device cuda" in proc.stderr, proc.stderr
+
+
+def test_gpu_round_help_and_refusal_without_cuda(tmp_path):
+    """The GPU round prints what it runs; where torch sees no CUDA device it exits 2 and writes nothing
+    (instead of logging eight failed parts as a finished run)."""
+    script = ROOT / "benchmarks" / "gpu_round.sh"
+    env = dict(os.environ, PYTHON=sys.executable)
+    helped = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=60, env=env)
+    assert helped.returncode == 0 and "OUT_DIR" in helped.stdout and "optimizer_overhead.py" in helped.stdout
+    bad = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode == 2 and "usage" in bad.stderr
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the refusal is for machines without one")
+    out = tmp_path / "round"
+    proc = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr, proc.stderr
+    assert not out.exists()
