@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What one optimizer step costs a GPU's host and its device, and whether ``step()`` survives CUDA-graph capture.
+"""What one optimizer step costs a GPU's host and its device, eagerly and replayed from a CUDA graph.
 
 Below a few hundred million parameters torch's fused AdamW is bound by launches, so AM-AdamW's
 ratio to it is set by the host: how long ``step()`` takes to return (Python, planning, pointer
@@ -19,7 +19,7 @@ the step costs once the host's part is gone.  torch's fused AdamW needs ``captur
 that; AM-AdamW's step is capturable as it is (tests/gpu/test_cuda_graph.py checks that replays
 equal eager steps).
 
-    python benchmarks/gpu_step_anatomy.py --sizes 25 100 --graph --out results/h200_anatomy.md
+    python benchmarks/gpu_step_anatomy.py --sizes 25 100 --graph --out benchmarks/results/h200_step_anatomy_float32_r10.md
 
 Needs a CUDA device.
 """

@@ -103,6 +103,9 @@ class _HostClock:
     def seconds(self, start, end) -> float:
         return end - start
 
+    def sync(self) -> None:
+        """Nothing to wait for: the host's work is done when it returns."""
+
 
 class _DeviceClock:
     """Marks as CUDA events: recording one does not wait for the device, reading them after the run does."""
@@ -117,15 +120,15 @@ class _DeviceClock:
     def seconds(self, start, end) -> float:
         return start.elapsed_time(end) / 1e3  # ms -> s; valid once the run has synchronised
 
+    def sync(self) -> None:
+        """Wait for the device (only at the ends of the timed window, for its wall time)."""
+        import torch
+
+        torch.cuda.synchronize()
+
 
 def timing_callback(store: Dict[str, List], optim: str, clock, warmup: int):
     from transformers import TrainerCallback
-
-    def sync():
-        import torch
-
-        if torch.cuda.is_available() and isinstance(clock, _DeviceClock):
-            torch.cuda.synchronize()
 
     class StepTimer(TrainerCallback):
         """Marks around each step and its optimizer part; wall time over the timed steps for throughput."""
@@ -142,7 +145,7 @@ def timing_callback(store: Dict[str, List], optim: str, clock, warmup: int):
 
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == warmup:  # the first timed step
-                sync()
+                clock.sync()
                 store["wall_start"] = [time.perf_counter()]
             self._t_step = clock.mark()
 
@@ -156,7 +159,7 @@ def timing_callback(store: Dict[str, List], optim: str, clock, warmup: int):
             store["step_marks"].append((self._t_step, clock.mark()))
 
         def on_train_end(self, args, state, control, **kwargs):
-            sync()
+            clock.sync()
             store["wall_end"] = [time.perf_counter()]
 
     return StepTimer()
@@ -255,7 +258,7 @@ def main(argv=None) -> int:
     print(f"batch {args.batch_size} x {args.seq_len} tokens, {args.steps} timed steps after {args.warmup}, "
           f"{args.pairs} pairs; {args.device}, {precision}, timed by {timing}")
 
-    results = {}  # size -> optim -> list of (step s, optimizer s) per pair
+    results = {}  # size -> (params, optim -> list of (step s, optimizer s, tokens/s) per pair)
     info = {}
     with tempfile.TemporaryDirectory() as workdir:
         for size in args.sizes:

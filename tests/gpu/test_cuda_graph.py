@@ -94,4 +94,3 @@ def test_graph_replay_equals_eager_bf16(name):
     eager_params, _ = _run(name, {"scope": "tensor"}, graph=False, dtype=torch.bfloat16)
     graph_params, _ = _run(name, {"scope": "tensor"}, graph=True, dtype=torch.bfloat16)
     assert all(torch.equal(a, b) for a, b in zip(eager_params, graph_params))
-
