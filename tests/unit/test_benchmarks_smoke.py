@@ -81,6 +81,29 @@ def test_step_profile_names_every_part(flags):
     assert all(float(r[2].strip().strip("*")) > 0 for r in rows if r[2].strip() and r[2].strip() != "---"), out
 
 
+def test_step_profile_counts_the_host_ops_of_the_triton_path_in_the_interpreter():
+    """``--kernels triton``: the CUDA path's host side on CPU tensors.  The op counts leave out what the
+    interpreter runs inside a kernel (hundreds of torch calls per launch), so a kernel part counts only
+    the few ops of its wrapper, and every top-level part plus the rest add up to the step's count."""
+    pytest.importorskip("transformers")
+    script = ROOT / "benchmarks" / "step_profile.py"
+    proc = subprocess.run([sys.executable, str(script), "--sizes", "tiny", "--steps", "1", "--kernels", "triton"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "Triton kernels in Triton's interpreter" in out and "| torch ops per step |" in out
+    cells = [[c.strip().strip("*").strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
+             if line.startswith("| ") and "---" not in line and "torch ops per step" not in line]
+    ops = {name: int(count) for name, _, _, count in cells}
+    for part in ("Triton sums kernel (interpreted)", "Triton update kernel (interpreted)"):
+        assert 0 < ops[f"of which: {part}"] < 40, (part, out)
+    assert not any(name.startswith("C ") or " C " in name for name in ops)
+    names = list(ops)
+    step_row = next(i for i, name in enumerate(names) if name.startswith("AM-AdamW step"))
+    top_level = [name for name in names[:step_row] if not name.startswith("of which")]  # rest of step() included
+    assert sum(ops[name] for name in top_level) == ops[names[step_row]] > 0, out
+
+
 @pytest.mark.parametrize("flags", [[], ["--as-trainer"]], ids=["plain", "as-trainer"])
 def test_step_ab_compares_two_checkouts_in_one_process(flags):
     """A/A: this checkout against itself (imported a second time as hf_am_before); no timing asserted."""
