@@ -68,11 +68,14 @@ def record_step(optimizer, plans: List[GroupPlan], coefficients, device, loss, w
         # scalars is a fraction of a foreach add per count on CPU, where a foreach add of 0-d tensors
         # dispatches once per tensor.  Same bits: each count is the float64 sum rounded to its dtype.
         counts = torch.stack([s[key] for key in counted for s in states]).view(len(counted), -1) + per_tensor[2:]
-        values = torch.cat((torch.cat((per_tensor[:2], counts)).reshape(-1), *(w.values.to(counts.dtype) for w in writes)))
+        values = (per_tensor[:2].reshape(-1), counts.reshape(-1), *(w.values for w in writes))
         # The sources are views of a reused scratch: unbinding `values` anew would build one view per
-        # destination every step (~90 us at 234 scalars on CPU, more than the copies themselves).
-        staging, sources = optimizer._device_constants.staging(values.numel(), values.dtype, values.device)
-        staging.copy_(values)
+        # destination every step (~90 us at 234 scalars on CPU, more than the copies themselves).  One
+        # cat writes every value into it, widened to the counts' dtype (exactly) on the way.
+        if sum(v.numel() for v in values) != len(destinations):  # cat would resize the cached scratch
+            raise RuntimeError(f"hf_am: {sum(v.numel() for v in values)} values for {len(destinations)} scalars")
+        staging, sources = optimizer._device_constants.staging(len(destinations), counts.dtype, counts.device)
+        torch.cat(values, out=staging)
         torch._foreach_copy_(destinations, sources)
     if optimizer.loss_estimate == "exact":
         value = torch.as_tensor(loss).detach()
@@ -84,7 +87,7 @@ def record_step(optimizer, plans: List[GroupPlan], coefficients, device, loss, w
 def _store_with(kernels, destinations, per_tensor: torch.Tensor, writes: Sequence[ScalarWrite]) -> bool:
     """``kernels.store_scalars`` of the record: ``per_tensor``'s rows (reported, kept memory, then the
     counts' increments, added to the counts) and the writes' values, as one float64 vector."""
-    values = torch.cat((per_tensor.reshape(-1), *(w.values.to(per_tensor.dtype) for w in writes)))
+    values = torch.cat((per_tensor.reshape(-1), *(w.values for w in writes)))  # widened to float64, exactly
     n_set = 2 * per_tensor.shape[1]
     n_added = per_tensor.numel() - n_set
     adds = (0,) * n_set + (1,) * n_added + (0,) * (len(destinations) - n_set - n_added)
@@ -132,17 +135,21 @@ class BetaStatistics:
         reps = self._scope_states()
         if not reps:
             return torch.full((8,), math.nan, dtype=torch.float64)
-        # Called every step by the Trainer callback: one stack per key, then one conversion (exact:
-        # float32 -> float64), rather than a conversion per scope (4 ops per tensor under scope="tensor").
+        # Called every step by the Trainer callback: one stack of every key (widened to the widest dtype,
+        # exactly), one conversion to float64 and one reduction per kind, rather than ops per key or per
+        # scope: on a GPU every op is a launch and some microseconds of host time.
+        keys = (BETA, APPLIED, RESTARTS, FALLBACKS)
         if all(APPLIED in s and FALLBACKS in s for s in reps):
-            betas, applied, restarts, fallbacks = (
-                torch.stack([s[key] for s in reps]).double() for key in (BETA, APPLIED, RESTARTS, FALLBACKS)
-            )
-        else:  # state of hf_am 0.1 (no applied/fallback counts until the next step)
-            betas = torch.stack([s[BETA].double() for s in reps])
-            applied = torch.stack([s[APPLIED].double() if APPLIED in s else s[BETA].double() * math.nan for s in reps])
-            restarts = torch.stack([s[RESTARTS].double() for s in reps])
-            fallbacks = torch.stack([s[FALLBACKS].double() if FALLBACKS in s else s[RESTARTS].double() * 0 for s in reps])
+            rows = torch.stack([s[key] for key in keys for s in reps]).view(len(keys), -1).double()
+            coefficients, counts = rows[:2], rows[2:].sum(dim=1)  # [reported, applied]; [restarts, fallbacks]
+            lows, highs = torch.aminmax(coefficients, dim=1)  # NaN propagates, as in min() and max()
+            by_kind = torch.stack((coefficients.mean(dim=1), lows, highs), dim=1)  # (2, 3): mean, min, max
+            return torch.cat((by_kind[0], counts, by_kind[1]))
+        # state of hf_am 0.1 (no applied/fallback counts until the next step)
+        betas = torch.stack([s[BETA].double() for s in reps])
+        applied = torch.stack([s[APPLIED].double() if APPLIED in s else s[BETA].double() * math.nan for s in reps])
+        restarts = torch.stack([s[RESTARTS].double() for s in reps])
+        fallbacks = torch.stack([s[FALLBACKS].double() if FALLBACKS in s else s[RESTARTS].double() * 0 for s in reps])
         restarts, fallbacks = restarts.sum(), fallbacks.sum()
         return torch.stack(
             [betas.mean(), betas.min(), betas.max(), restarts, fallbacks, applied.mean(), applied.min(), applied.max()]

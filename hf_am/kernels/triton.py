@@ -180,11 +180,14 @@ class _Blocks:
         self.numels = _to_device(list(numels), torch.int64, device)
         self.block_tensor = _to_device(owners, torch.int32, device)
         self.block_start = _to_device(starts, torch.int64, device)
-        self.bounds = _to_device(bounds, torch.int64, device)  # tensor t: programs bounds[t]..bounds[t+1]
+        # Tensor t owns programs bounds[t]..bounds[t+1]; row 0 of `ends` holds the later bound and row 1
+        # the earlier, so both ends of every tensor's run are one gather.
+        self.ends = _to_device([bounds[1:], bounds[:-1]], torch.int64, device)
 
     def per_tensor(self, partial: torch.Tensor) -> torch.Tensor:
         running = torch.cat((partial.new_zeros(1, 3, dtype=torch.float64), partial.double().cumsum(0)))
-        return (running[self.bounds[1:]] - running[self.bounds[:-1]]).float()
+        later, earlier = running[self.ends]
+        return (later - earlier).float()
 
 
 _blocks_cache: Dict[tuple, _Blocks] = {}
@@ -220,9 +223,27 @@ def _pointers(tensors) -> torch.Tensor:
 
 
 def _scalars(values, like: torch.Tensor, n: int) -> torch.Tensor:
-    """Per-tensor scalars as a contiguous float32 device array (a Python number or a CPU 0-dim
-    tensor is broadcast on the device, never copied through a synchronising transfer)."""
-    return torch.zeros(n, dtype=torch.float32, device=like.device).add_(values)
+    """Per-tensor scalars as a contiguous float32 array of ``n`` on ``like``'s device, for a kernel to
+    read one entry per tensor.
+
+    Most of a step's scalars already are such vectors (computed on the device in the accumulation
+    dtype), and they are handed over as they are: every op here is a launch and some microseconds of
+    host time on a GPU.  Another vector of ``n`` on the device is converted (one op), a 0-dim tensor on
+    the device is broadcast (no read of its value: that would synchronise), and a Python number or a
+    CPU 0-dim tensor is a fill on the device, never a synchronising transfer.  Anything else raises
+    before a kernel could read past the end of the array.
+    """
+    device = like.device
+    if isinstance(values, torch.Tensor) and values.device == device:
+        if values.dim() == 0:
+            return values.to(torch.float32).expand(n).contiguous()
+        if values.shape != (n,):
+            raise ValueError(f"per-tensor scalars: expected {n} values on {device}, got shape {tuple(values.shape)}")
+        return values.to(torch.float32).contiguous()
+    if isinstance(values, torch.Tensor) and (values.device.type != "cpu" or values.dim() != 0):
+        raise ValueError(f"per-tensor scalars: a tensor on {values.device} of shape {tuple(values.shape)} cannot "
+                         f"be read on {device}; give a vector of {n} on {device}, a CPU 0-dim tensor or a number")
+    return torch.full((n,), float(values), dtype=torch.float32, device=device)
 
 
 def _tl_dtype(dtype):

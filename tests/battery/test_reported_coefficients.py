@@ -10,6 +10,7 @@ import torch
 
 from helpers import make_batches, make_model, train, two_groups
 from hf_am import AMAdamW, AMSGD
+from hf_am.state import APPLIED, BETA, FALLBACKS, RESTARTS
 
 OPTIMIZERS = {"am_adamw": AMAdamW, "am_sgd": AMSGD}
 
@@ -72,3 +73,33 @@ def test_a_pinned_float32_coefficient_never_logs_above_beta_max():
     stats = opt.beta_stats()
     cap = float(torch.tensor(0.9, dtype=torch.float32))
     assert stats["beta"] <= cap and stats["beta_max"] <= cap and stats["beta_min"] == stats["beta_max"]
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_the_summary_is_its_definition_over_the_scopes_states(name):
+    """``beta_summary_tensor()`` (what the Trainer callback reads every step) against its docstring, key by
+    key over the scopes' states: a float32 and a float64 group (the keys widen exactly), restarts counted,
+    a NaN coefficient propagating to mean, min and max as torch's reductions do."""
+    torch.manual_seed(0)
+    single = [torch.nn.Parameter(torch.randn(5)) for _ in range(3)]
+    double = [torch.nn.Parameter(torch.randn(4, dtype=torch.float64)) for _ in range(2)]
+    opt = OPTIMIZERS[name]([{"params": single}, {"params": double}], lr=0.1, scope="tensor", restart_threshold=0.5)
+    for step in range(5):  # gradients that flip sign: some scopes restart
+        for p in single + double:
+            p.grad = torch.randn_like(p) * (-1) ** step
+        opt.step()
+
+    def definition():
+        reps = opt._scope_states()
+        beta, applied = (torch.stack([s[key].double() for s in reps]) for key in (BETA, APPLIED))
+        counts = [sum(s[key].double() for s in reps) for key in (RESTARTS, FALLBACKS)]
+        return torch.stack([beta.mean(), beta.min(), beta.max(), *counts, applied.mean(), applied.min(), applied.max()])
+
+    summary = opt.beta_summary_tensor()
+    assert summary.dtype == torch.float64 and summary.shape == (8,)
+    assert summary[3] >= 1  # a restart happened, so the counts are not trivially zero
+    assert torch.equal(summary, definition())
+    opt.state[double[1]][BETA].fill_(float("nan"))  # a scope whose coefficient is NaN
+    summary = opt.beta_summary_tensor()
+    assert summary[[0, 1, 2]].isnan().all() and not summary[3:].isnan().any()
+    assert torch.equal(summary[3:], definition()[3:])
