@@ -162,14 +162,15 @@ class AMAdamW(AMOptimizer):
         )
 
     def _phase_runs(self, plans: List[GroupPlan]) -> List[Tuple[GroupPlan, List[GroupPlan]]]:
-        """One C-kernel call per phase for the groups that differ only in weight decay.
+        """One kernel call per phase for the groups that differ only in weight decay.
 
         The Trainer's two groups (decay on matrices, none on norms) share lr, betas and eps; each
         call costs tens of microseconds of host work on top of the per-group scalar arithmetic,
-        which at small models is most of AM's extra time.  The kernels take the decay per tensor,
+        which at small models is most of AM's extra time (on a GPU: a Triton launch per phase and
+        ~25 torch ops, each a launch, per group and step).  The kernels take the decay per tensor,
         and every other per-tensor value is computed elementwise as it would be per group, so the
-        results are the same bits.  Only the CPU set is merged (the Triton set is unchanged until it
-        can be run on a GPU again).
+        results are the same bits (tests/unit/test_merged_kernel_calls.py for the C set; the Triton
+        set in Triton's interpreter, tests/battery/test_triton_interpreter.py).
         """
         runs: List[Tuple[GroupPlan, List[GroupPlan]]] = []
         merged: Dict[tuple, List[GroupPlan]] = {}
@@ -189,9 +190,8 @@ class AMAdamW(AMOptimizer):
         decays = tuple(m.group["weight_decay"] for m in members for _ in m.params)
         first = members[0]
         group = dict(first.group)  # lr, betas, eps and the Restart flag are the members' own (_merge_key)
-        group["weight_decay"] = self._device_constants.get(
-            ("weight_decay", decays), lambda: torch.tensor(decays, dtype=torch.float64)
-        )
+        # on the parameters' device: the Triton update forms 1 - lr * wd there, with no transfer per step
+        group["weight_decay"] = self._device_constants.vector(decays, first.local_params[0].device)
         complete = all(m.state_tensors is not None and len(m.state_tensors) == 2 for m in members)
         return GroupPlan(
             group=group,
@@ -325,8 +325,8 @@ def _per_tensor_columns(members: List[GroupPlan], lrs, lr) -> Tuple[torch.Tensor
 
 
 def _merge_key(plan: GroupPlan) -> Optional[tuple]:
-    """What C-kernel plans must share to run as one call (``None``: this plan runs alone)."""
-    if plan.path is not Path.FUSED or plan.kernels is None or plan.kernels.NAME != "cpu":
+    """What plans must share to run as one kernel call per phase (``None``: this plan runs alone)."""
+    if plan.path is not Path.FUSED or plan.kernels is None or plan.kernels.NAME not in ("cpu", "triton"):
         return None
     group = plan.group
     lr = group["lr"]

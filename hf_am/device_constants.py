@@ -12,6 +12,8 @@ from typing import Any, Callable, Dict, Hashable, List, Tuple
 
 import torch
 
+from .kernels.interface import to_device
+
 _LIMIT = 256  # entries; gradients of ZeRO-3 sub-groups etc. may make many distinct keys
 
 
@@ -46,4 +48,8 @@ class DeviceConstants:
 
     def index(self, ids: List[int], device) -> torch.Tensor:
         """``ids`` as a ``long`` tensor on ``device``."""
-        return self.get(("index", device, tuple(ids)), lambda: torch.tensor(ids, dtype=torch.long, device=device))
+        return self.get(("index", device, tuple(ids)), lambda: to_device(ids, torch.long, device))
+
+    def vector(self, values: Tuple[float, ...], device) -> torch.Tensor:
+        """``values`` as a float64 vector on ``device`` (per-tensor hyperparameters of merged groups)."""
+        return self.get(("vector", device, values), lambda: to_device(list(values), torch.float64, device))

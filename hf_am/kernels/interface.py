@@ -75,6 +75,18 @@ class KernelSet(Protocol):
         """``d += weight (g' - d); x += step d``."""
 
 
+def to_device(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small host table (nested Python lists of numbers) as a tensor on ``device``, without
+    synchronising: through pinned memory and a non-blocking copy, where a plain ``torch.tensor(...,
+    device=cuda)`` copies from pageable memory and waits for the stream (and would stall a step)."""
+    host = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cpu":
+        return host
+    if torch.cuda.is_available():
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
 def mark_written(*lists: Sequence[torch.Tensor]) -> None:
     """Tell autograd that compiled code wrote these tensors in place (their version counters move, as a
     torch in-place op moves them): a graph that saved a parameter before the step then refuses to

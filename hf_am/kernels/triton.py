@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .interface import TensorLists, mark_written, tensor_problem
+from .interface import TensorLists, mark_written, tensor_problem, to_device
 
 try:  # Triton ships with torch's CUDA builds; CPU builds and other platforms go without.
     import triton
@@ -177,12 +177,12 @@ class _Blocks:
             starts += [b * CHUNK for b in range(blocks)]
             bounds.append(bounds[-1] + blocks)
         self.n_programs = len(owners)
-        self.numels = _to_device(list(numels), torch.int64, device)
-        self.block_tensor = _to_device(owners, torch.int32, device)
-        self.block_start = _to_device(starts, torch.int64, device)
+        self.numels = to_device(list(numels), torch.int64, device)
+        self.block_tensor = to_device(owners, torch.int32, device)
+        self.block_start = to_device(starts, torch.int64, device)
         # Tensor t owns programs bounds[t]..bounds[t+1]; row 0 of `ends` holds the later bound and row 1
         # the earlier, so both ends of every tensor's run are one gather.
-        self.ends = _to_device([bounds[1:], bounds[:-1]], torch.int64, device)
+        self.ends = to_device([bounds[1:], bounds[:-1]], torch.int64, device)
 
     def per_tensor(self, partial: torch.Tensor) -> torch.Tensor:
         running = torch.cat((partial.new_zeros(1, 3, dtype=torch.float64), partial.double().cumsum(0)))
@@ -192,14 +192,6 @@ class _Blocks:
 
 _blocks_cache: Dict[tuple, _Blocks] = {}
 _pointer_cache: Dict[tuple, torch.Tensor] = {}
-
-
-def _to_device(values, dtype, device) -> torch.Tensor:
-    """A small host table on the device without synchronising: through pinned memory."""
-    host = torch.tensor(values, dtype=dtype)
-    if torch.cuda.is_available():
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
 
 
 def _blocks(tensors) -> _Blocks:
@@ -218,7 +210,7 @@ def _pointers(tensors) -> torch.Tensor:
     if hit is None:
         if len(_pointer_cache) > 256:  # gradients get new storage every step
             _pointer_cache.clear()
-        hit = _pointer_cache[key] = _to_device(list(key[1]), torch.int64, tensors[0].device)
+        hit = _pointer_cache[key] = to_device(list(key[1]), torch.int64, tensors[0].device)
     return hit
 
 

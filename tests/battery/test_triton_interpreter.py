@@ -40,7 +40,7 @@ def interpreted(tmp_path_factory):
 
 
 def test_every_case_ran_through_the_triton_kernels(interpreted):
-    cases = {k: r for k, r in interpreted.items() if k != "gate"}
+    cases = {k: r for k, r in interpreted.items() if k not in ("gate", "merged")}
     assert len(cases) == 18  # 2 optimizers x 3 dtypes x 3 variants
     assert all(r["ran"] for r in cases.values()), {k for k, r in cases.items() if not r["ran"]}
 
@@ -74,3 +74,12 @@ def test_low_precision_kernels_track_the_reference(interpreted, name, dtype, var
     assert r["moved"] > 0.01, r
     assert r["param_diff"] < 0.15 * r["moved"], r
     assert r["beta_diff"] < 0.02, r
+
+
+@pytest.mark.parametrize("scope", ["tensor", "group"])
+def test_groups_that_differ_only_in_weight_decay_take_one_launch_per_phase(interpreted, scope):
+    """The Trainer's two groups: one sums launch per step instead of two, and the same bits as one launch
+    per group (parameters, every state tensor, the callback's summary)."""
+    r = interpreted["merged"][scope]
+    assert r["sums_launches_per_step"] == [1, 2], r
+    assert r["bits_equal"] and r["summary_equal"], r
