@@ -11,6 +11,7 @@
 #   h200_float32.md/.png, h200_bfloat16.md/.png    optimizer_overhead.py at 25M, 100M, 400M, 1B
 #   trainer_overhead_gpu_60m_bf16.md/.png     the Trainer, llama_60m in bf16, 200 timed steps per run
 #   gpu_step_anatomy.md                        host/device ms and device ops per step; CUDA-graph replays
+# and, in run.log only, step_profile.py on the GPU: the host time and torch ops of each part of a step.
 # (The names say h200 because that is the machine this project is lent; the files name the GPU
 # they ran on in their first lines.)
 set -uo pipefail
@@ -47,4 +48,5 @@ part 80 "kernels bfloat16" "$py" benchmarks/optimizer_overhead.py --device cuda 
 part 120 "Trainer 60m bf16" "$py" benchmarks/trainer_overhead.py --device cuda --bf16 --sizes 60m --fused --pairs 2 \
   --steps 200 --warmup 10 --batch-size 64 --seq-len 256 --out-dir "$out" --tag gpu_60m_bf16
 part 60 "step anatomy and CUDA-graph replays" "$py" benchmarks/gpu_step_anatomy.py --sizes 25 100 --graph --out "$out/gpu_step_anatomy.md"
+part 60 "host parts of a step" "$py" benchmarks/step_profile.py --device cuda --sizes tiny small w512 --steps 50
 echo "=== done after ${SECONDS}s" | tee -a "$log"

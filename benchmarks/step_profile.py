@@ -26,6 +26,7 @@ nothing.
     python benchmarks/step_profile.py --scheduler          # a new lr every step, as under the Trainer
     python benchmarks/step_profile.py --sizes w512 --steps 50 --threads 2
     python benchmarks/step_profile.py --kernels triton --steps 20     # the host side of the CUDA path
+    python benchmarks/step_profile.py --device cuda --sizes tiny small w512 --steps 50   # on a GPU
 
 Prints one table per size (microseconds per step, share of the step), naming the machine.
 """
@@ -50,7 +51,7 @@ SIZES = {"tiny": ("llama_tiny.json", {}), "small": ("llama_small.json", {}),
          "w512": ("llama_60m.json", {"num_hidden_layers": 2})}
 
 
-def build(size: str):
+def build(size: str, device: str = "cpu"):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -59,7 +60,7 @@ def build(size: str):
     cfg.pop("architectures", None)
     cfg.update(overrides)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).to(device)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -157,15 +158,15 @@ def use_triton_interpreter() -> None:
     torch.manual_seed(0)
 
 
-def install(timers: Timers, kernels: str = "default") -> None:
+def install(timers: Timers, kernels: str = "default", device: str = "cpu") -> None:
     import hf_am.am_adamw as am_adamw
     import hf_am.optimizer as optimizer
     import hf_am.planning as planning
 
-    if kernels == "triton":
+    if kernels == "triton" or device == "cuda":
         from hf_am.kernels import triton as compiled
 
-        name = "Triton {} kernel (interpreted)"
+        name = "Triton {} kernel" + (" (interpreted)" if device == "cpu" else "")
     else:
         import hf_am.kernels.cpu as compiled
 
@@ -182,17 +183,21 @@ def install(timers: Timers, kernels: str = "default") -> None:
     timers.wrap(am_adamw.AMAdamW, "_apply_update", "phase 2 (update)")
     timers.wrap(compiled, "adamw_update", "  of which: " + name.format("update"))
     timers.wrap(am_adamw.AMAdamW, "_whole_step", "one-call step (sums, coefficients, update)")
-    if kernels != "triton":
+    if compiled.NAME == "cpu":
         timers.wrap(compiled, "adamw_step", "  of which: C one-call kernel")
     timers.wrap(optimizer, "record_step", "recording statistics")
 
 
-def profile(size: str, steps: int, two_calls: bool = False, scheduler: bool = False, kernels: str = "default") -> str:
+def profile(size: str, steps: int, two_calls: bool = False, scheduler: bool = False, kernels: str = "default",
+            device: str = "cpu") -> str:
     import torch
 
     import hf_am
 
-    model, groups = build(size)
+    model, groups = build(size, device)
+    # On a GPU every timed part starts with an idle device, so each time is the host's own work (its
+    # launches included), not a wait for a full launch queue.
+    idle = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     n = sum(p.numel() for p in model.parameters())
     # fresh group dicts for each: an optimizer writes its defaults into the dicts it is given
     # (AM's fused=None would turn AdamW's fused=True off)
@@ -201,7 +206,7 @@ def profile(size: str, steps: int, two_calls: bool = False, scheduler: bool = Fa
     am = hf_am.AMAdamW([dict(params=g["params"], weight_decay=g["weight_decay"]) for g in groups], lr=1e-3)
     am.one_call_step = not two_calls
     timers = Timers()
-    install(timers, kernels)
+    install(timers, kernels, device)
     def new_lr(i: int) -> None:  # what a linear-decay scheduler writes into every group before a step
         if scheduler:
             for group in (*am.param_groups, *fused.param_groups):
@@ -215,16 +220,18 @@ def profile(size: str, steps: int, two_calls: bool = False, scheduler: bool = Fa
     timers.reset()
     for i in range(steps):
         new_lr(5 + i)
+        idle()
         t0 = time.perf_counter_ns()
         am.step()
-        t1 = time.perf_counter_ns()
+        per_step.append(time.perf_counter_ns() - t0)
+        idle()
+        t0 = time.perf_counter_ns()
         am.beta_summary_tensor()
-        t2 = time.perf_counter_ns()
+        summary_times.append(time.perf_counter_ns() - t0)
+        idle()
+        t0 = time.perf_counter_ns()
         fused.step()
-        t3 = time.perf_counter_ns()
-        per_step.append(t1 - t0)
-        summary_times.append(t2 - t1)
-        fused_times.append(t3 - t2)
+        fused_times.append(time.perf_counter_ns() - t0)
     step_us = statistics.fmean(per_step) / 1e3
     parts = {k: v / steps / 1e3 for k, v in timers.total.items()}
     top_level = [k for k in parts if not k.startswith("  ")]
@@ -235,7 +242,10 @@ def profile(size: str, steps: int, two_calls: bool = False, scheduler: bool = Fa
     summary_ops = timers.count_ops(am.beta_summary_tensor)
     fused_ops = timers.count_ops(fused.step)
     rest_ops = step_ops - sum(ops.get(k, 0) for k in top_level)
-    kernel_set = "Triton kernels in Triton's interpreter" if kernels == "triton" else "this machine's kernels"
+    if device == "cuda":
+        kernel_set = f"on {torch.cuda.get_device_name()} (host time: no part waits for the device)"
+    else:
+        kernel_set = "Triton kernels in Triton's interpreter" if kernels == "triton" else "this machine's kernels"
     lines = [f"### {size}: {n / 1e6:.2f}M parameters, {sum(len(g['params']) for g in groups)} tensors in 2 groups, "
              f"{steps} steps, {'two calls' if two_calls else 'default (one call where it applies)'}"
              f"{', a new lr every step' if scheduler else ''}, {kernel_set}", "",
@@ -268,16 +278,22 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", choices=("default", "triton"), default="default",
                    help="default: the kernels this machine picks (C on CPU); triton: the CUDA path's Triton kernels, "
                         "run on the CPU tensors by Triton's interpreter (their host side is then what is profiled)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the model and the steps on the GPU (the Triton kernels, compiled); the times are the "
+                        "host's, each part starting with an idle device")
     args = p.parse_args(argv)
-    if args.kernels == "triton":
+    if args.kernels == "triton" and args.device == "cpu":
         use_triton_interpreter()
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("step_profile.py: --device cuda, but torch sees no CUDA device here", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
-    print(describe("cpu"))
+    print(describe(args.device))
     print(f"`python benchmarks/step_profile.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n")
     for size in args.sizes:
-        print(profile(size, args.steps, args.two_calls, args.scheduler, args.kernels), flush=True)
+        print(profile(size, args.steps, args.two_calls, args.scheduler, args.kernels, args.device), flush=True)
     return 0
 
 

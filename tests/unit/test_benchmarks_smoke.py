@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "trainer_overhead.py"
@@ -79,6 +80,14 @@ def test_step_profile_names_every_part(flags):
     # every part was really reached: no part of the AM step reads 0 microseconds
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and "us per step" not in line]
     assert all(float(r[2].strip().strip("*")) > 0 for r in rows if r[2].strip() and r[2].strip() != "---"), out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no CUDA device")
+def test_step_profile_on_cuda_refuses_without_a_device():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_profile.py"), "--device", "cuda"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 2 and "sees no CUDA device" in proc.stderr, proc.stderr[-2000:]
+    assert "|" not in proc.stdout  # no table of CPU figures passed off as the GPU's
 
 
 def test_step_profile_counts_the_host_ops_of_the_triton_path_in_the_interpreter():
