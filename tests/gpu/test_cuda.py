@@ -144,3 +144,54 @@ def test_ranks_disagreeing_on_gradients_on_the_device_are_reported(tmp_path):
             assert all(calls == {"all_reduce": 1} for calls in res["calls"][1:]), res["calls"]
             assert res["checked"][:2] == [None, None], res["checked"]
             assert all(c and "Ranks disagree on which parameters have gradients" in c for c in res["checked"][2:]), res["checked"]
+
+
+def _trainer_split(model):
+    """The Trainer's two groups: one lr, weight decay on matrices only (merged into one launch per phase)."""
+    return [{"params": [p for n, p in model.named_parameters() if n.endswith("weight")], "weight_decay": 0.05},
+            {"params": [p for n, p in model.named_parameters() if not n.endswith("weight")], "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("scope", ["tensor", "group"])
+def test_groups_that_differ_only_in_weight_decay_take_one_launch_per_phase_on_cuda(scope):
+    """Same bits as one launch per group (the base class's runs), and no synchronisation once the first
+    step has built the per-tensor decay vector on the device."""
+    from hf_am.kernels import triton as triton_kernels
+    from hf_am.optimizer import AMOptimizer
+
+    class PerGroupAMAdamW(AMAdamW):
+        _phase_runs = AMOptimizer._phase_runs
+
+    calls = {"n": 0}
+    sums = triton_kernels.adamw_sums
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return sums(*args, **kwargs)
+
+    results = []
+    batches = _cuda_batches(5)
+    try:
+        triton_kernels.adamw_sums = counted
+        for cls in (AMAdamW, PerGroupAMAdamW):
+            model = make_model().cuda()
+            opt = cls(_trainer_split(model), lr=1e-2, scope=scope, restart_threshold=0.4)
+            train(model, opt, batches[:1])
+            calls["n"] = 0
+            for batch in batches[1:]:
+                opt.zero_grad()
+                loss_fn(model, batch).backward()
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    opt.step()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            tensors = [p.detach() for p in model.parameters()]
+            tensors += [v for p in model.parameters() for _, v in sorted(opt.state[p].items()) if torch.is_tensor(v)]
+            results.append((tensors, calls["n"]))
+    finally:
+        triton_kernels.adamw_sums = sums
+    (merged, merged_calls), (per_group, per_group_calls) = results
+    assert (merged_calls, per_group_calls) == (4, 8)
+    assert len(merged) == len(per_group) and all(torch.equal(a, b) for a, b in zip(merged, per_group))
