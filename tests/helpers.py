@@ -133,3 +133,44 @@ def max_param_diff(a, b) -> float:
         assert a.keys() == b.keys(), (sorted(a), sorted(b))
     pairs = [(pa, pb) for pa, pb in zip(_tensors(a), _tensors(b))]
     return max([(pa.detach().double() - pb.detach().double()).abs().max().item() for pa, pb in pairs if pa.numel()] or [0.0])
+
+
+def trainer_split(model: torch.nn.Module, wd: float = 0.05) -> List[Dict]:
+    """The Trainer's two groups with one lr: decay on weights, none on biases (AM-AdamW steps them with one
+    kernel call per phase, ``AMAdamW._phase_runs``)."""
+    return [
+        {"params": [p for n, p in model.named_parameters() if n.endswith("weight")], "weight_decay": wd},
+        {"params": [p for n, p in model.named_parameters() if not n.endswith("weight")], "weight_decay": 0.0},
+    ]
+
+
+def per_group_am_adamw():
+    """AM-AdamW with one kernel call per param group and phase (the base class's runs): what merged
+    calls must equal bit for bit."""
+    import hf_am
+    from hf_am.optimizer import AMOptimizer
+
+    class PerGroupAMAdamW(hf_am.AMAdamW):
+        _phase_runs = AMOptimizer._phase_runs
+
+    return PerGroupAMAdamW
+
+
+class CountedCalls:
+    """Counts the calls of ``owner.name`` while active (the real function still runs)."""
+
+    def __init__(self, owner, name: str):
+        self.owner, self.name, self.calls = owner, name, 0
+
+    def __enter__(self):
+        inner = self.inner = getattr(self.owner, self.name)
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return inner(*args, **kwargs)
+
+        setattr(self.owner, self.name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        setattr(self.owner, self.name, self.inner)

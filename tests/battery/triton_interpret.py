@@ -21,7 +21,9 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 
-from helpers import max_param_diff, train, two_groups  # noqa: E402
+from helpers import (  # noqa: E402
+    CountedCalls, max_param_diff, per_group_am_adamw, train, trainer_split, two_groups,
+)
 
 import hf_am.kernels  # noqa: E402
 from hf_am import AMAdamW, AMSGD  # noqa: E402
@@ -131,41 +133,25 @@ def merged_cases():
     """AM-AdamW's groups that differ only in weight decay (the Trainer's two) run as one Triton launch per
     phase: the same bits as one launch per group (the base class's runs), in parameters, every state
     tensor and the summary the Trainer callback reads."""
-    from hf_am.optimizer import AMOptimizer
-
-    class PerGroupAMAdamW(AMAdamW):
-        _phase_runs = AMOptimizer._phase_runs
-
-    launches = {"n": 0}
-    sums = triton_kernels.adamw_sums
-
-    def counted_sums(*args, **kwargs):
-        launches["n"] += 1
-        return sums(*args, **kwargs)
-
-    triton_kernels.adamw_sums = counted_sums
     out = {}
     for scope, kw in (("tensor", dict(restart_threshold=0.4)), ("group", {})):
         runs = []
-        for cls in (AMAdamW, PerGroupAMAdamW):
+        for cls in (AMAdamW, per_group_am_adamw()):
             model = make_model(torch.float32)
-            groups = [{"params": [p for n, p in model.named_parameters() if n.endswith("weight")], "weight_decay": 0.05},
-                      {"params": [p for n, p in model.named_parameters() if not n.endswith("weight")], "weight_decay": 0.0}]
-            opt = cls(groups, lr=1e-2, fused=True, scope=scope, **kw)  # the Trainer's split: one lr
+            opt = cls(trainer_split(model), lr=1e-2, fused=True, scope=scope, **kw)
             g = torch.Generator().manual_seed(1)
             batches = [(torch.randn(8, 130, generator=g), torch.randn(8, 3, generator=g)) for _ in range(5)]
-            launches["n"] = 0
-            train(model, opt, batches, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s % 3)))
+            with CountedCalls(triton_kernels, "adamw_sums") as launches:
+                train(model, opt, batches, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s % 3)))
             tensors = [p.detach() for p in model.parameters()]
             tensors += [v for p in model.parameters() for _, v in sorted(opt.state[p].items()) if torch.is_tensor(v)]
-            runs.append((tensors, opt.beta_summary_tensor(), launches["n"] / len(batches)))
+            runs.append((tensors, opt.beta_summary_tensor(), launches.calls / len(batches)))
         (a, summary_a, per_step_a), (b, summary_b, per_step_b) = runs
         out[scope] = {
             "bits_equal": len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b)),
             "summary_equal": torch.equal(summary_a, summary_b),
             "sums_launches_per_step": [per_step_a, per_step_b],
         }
-    triton_kernels.adamw_sums = sums
     return out
 
 

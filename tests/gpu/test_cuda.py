@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from hf_am import AMAdamW, AMSGD
-from helpers import loss_fn, make_batches, make_model, max_param_diff, train, two_groups
+from helpers import (
+    CountedCalls, loss_fn, make_batches, make_model, max_param_diff, per_group_am_adamw, train, trainer_split, two_groups,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -34,7 +36,14 @@ def test_step_never_synchronises_on_cuda(name, scope, variant):
     opt = OPTIMIZERS[name](two_groups(model), scope=scope, **variant)
     batches = _cuda_batches(5)
     train(model, opt, batches[:1])  # first step: lazy state, cached index tensors
-    for batch in batches[1:]:
+    summary = _steps_without_sync(model, opt, batches[1:])
+    assert summary.is_cuda and summary.shape == (8,)
+
+
+def _steps_without_sync(model, opt, batches) -> torch.Tensor:
+    """Step on each batch with torch's sync debug mode set to "error" around ``step()`` and the callback's
+    read (the forward and backward passes may synchronise); the last summary."""
+    for batch in batches:
         opt.zero_grad()
         loss_fn(model, batch).backward()
         torch.cuda.synchronize()
@@ -44,7 +53,7 @@ def test_step_never_synchronises_on_cuda(name, scope, variant):
             summary = opt.beta_summary_tensor()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert summary.is_cuda and summary.shape == (8,)
+    return summary
 
 
 def test_sync_debug_mode_catches_a_sync():
@@ -146,52 +155,23 @@ def test_ranks_disagreeing_on_gradients_on_the_device_are_reported(tmp_path):
             assert all(c and "Ranks disagree on which parameters have gradients" in c for c in res["checked"][2:]), res["checked"]
 
 
-def _trainer_split(model):
-    """The Trainer's two groups: one lr, weight decay on matrices only (merged into one launch per phase)."""
-    return [{"params": [p for n, p in model.named_parameters() if n.endswith("weight")], "weight_decay": 0.05},
-            {"params": [p for n, p in model.named_parameters() if not n.endswith("weight")], "weight_decay": 0.0}]
-
-
 @pytest.mark.parametrize("scope", ["tensor", "group"])
 def test_groups_that_differ_only_in_weight_decay_take_one_launch_per_phase_on_cuda(scope):
     """Same bits as one launch per group (the base class's runs), and no synchronisation once the first
     step has built the per-tensor decay vector on the device."""
     from hf_am.kernels import triton as triton_kernels
-    from hf_am.optimizer import AMOptimizer
-
-    class PerGroupAMAdamW(AMAdamW):
-        _phase_runs = AMOptimizer._phase_runs
-
-    calls = {"n": 0}
-    sums = triton_kernels.adamw_sums
-
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        return sums(*args, **kwargs)
 
     results = []
     batches = _cuda_batches(5)
-    try:
-        triton_kernels.adamw_sums = counted
-        for cls in (AMAdamW, PerGroupAMAdamW):
-            model = make_model().cuda()
-            opt = cls(_trainer_split(model), lr=1e-2, scope=scope, restart_threshold=0.4)
-            train(model, opt, batches[:1])
-            calls["n"] = 0
-            for batch in batches[1:]:
-                opt.zero_grad()
-                loss_fn(model, batch).backward()
-                torch.cuda.synchronize()
-                torch.cuda.set_sync_debug_mode("error")
-                try:
-                    opt.step()
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-            tensors = [p.detach() for p in model.parameters()]
-            tensors += [v for p in model.parameters() for _, v in sorted(opt.state[p].items()) if torch.is_tensor(v)]
-            results.append((tensors, calls["n"]))
-    finally:
-        triton_kernels.adamw_sums = sums
+    for cls in (AMAdamW, per_group_am_adamw()):
+        model = make_model().cuda()
+        opt = cls(trainer_split(model), lr=1e-2, scope=scope, restart_threshold=0.4)
+        train(model, opt, batches[:1])
+        with CountedCalls(triton_kernels, "adamw_sums") as launches:
+            _steps_without_sync(model, opt, batches[1:])
+        tensors = [p.detach() for p in model.parameters()]
+        tensors += [v for p in model.parameters() for _, v in sorted(opt.state[p].items()) if torch.is_tensor(v)]
+        results.append((tensors, launches.calls))
     (merged, merged_calls), (per_group, per_group_calls) = results
     assert (merged_calls, per_group_calls) == (4, 8)
     assert len(merged) == len(per_group) and all(torch.equal(a, b) for a, b in zip(merged, per_group))

@@ -8,17 +8,14 @@ import pytest
 import torch
 
 import hf_am
+from helpers import per_group_am_adamw
 from hf_am.kernels import cpu_build
-from hf_am.optimizer import AMOptimizer
 from hf_am.planning import plan_step
 
 pytestmark = pytest.mark.skipif(cpu_build.library() is None, reason="needs the C kernels (a C compiler)")
 
 
-class PerGroupAMAdamW(hf_am.AMAdamW):
-    """AM-AdamW with one kernel call per param group and phase (the base class's runs)."""
-
-    _phase_runs = AMOptimizer._phase_runs
+PerGroupAMAdamW = per_group_am_adamw()  # one kernel call per param group and phase
 
 
 def _params(dtypes=(torch.float32,) * 5, seed=0):
