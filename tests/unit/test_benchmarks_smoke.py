@@ -154,3 +154,25 @@ def test_gpu_round_help_and_refusal_without_cuda(tmp_path):
     proc = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr, proc.stderr
     assert not out.exists()
+
+
+def test_gpu_variants_help_refusal_and_patches_that_apply(tmp_path):
+    """The kernel variants waiting for a GPU: the script prints what it runs and refuses (exit 2, nothing
+    written) without CUDA; every patch applies to this tree, so the prepared GPU run cannot find its
+    variants stale (make a patch again from its branch when this fails)."""
+    script = ROOT / "benchmarks" / "gpu_variants.sh"
+    env = dict(os.environ, PYTHON=sys.executable)
+    helped = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=60, env=env)
+    assert helped.returncode == 0 and "OUT_DIR" in helped.stdout and "gpu_variants/NAME.patch" in helped.stdout
+    patches = sorted((ROOT / "benchmarks" / "gpu_variants").glob("*.patch"))
+    assert patches
+    for patch_file in patches:
+        proc = subprocess.run(["patch", "--dry-run", "-s", "-p1", "-d", str(ROOT), "-i", str(patch_file)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, (patch_file.name, proc.stdout + proc.stderr)
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the refusal is for machines without one")
+    out = tmp_path / "variants"
+    proc = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr, proc.stderr
+    assert not out.exists()
