@@ -15,29 +15,16 @@
 # (The names say h200 because that is the machine this project is lent; the files name the GPU
 # they ran on in their first lines.)
 set -uo pipefail
-case "${1:-}" in
-  -h|--help) sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-  -*) echo "usage: bash $0 [OUT_DIR]   (--help for what it runs)" >&2; exit 2 ;;
-esac
+source "$(dirname "$0")/_gpu_common.sh"
+help_or_usage "${1:-}"
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results/gpu_round}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 py=${PYTHON:-python3}
-if ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  echo "gpu_round.sh: torch ($py) sees no CUDA device here; this script measures a GPU" >&2
-  exit 2
-fi
+require_cuda gpu_round.sh
 mkdir -p "$out"
 log="$out/run.log"
 : > "$log"
-part() {  # part SECONDS TITLE COMMAND...: run with a limit, log, and go on whatever it returns
-  local limit=$1 title=$2
-  shift 2
-  local t0=$SECONDS
-  echo "=== $title (limit ${limit}s): $*" | tee -a "$log"
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
-  echo "=== $title: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$log"
-}
 part 20 machine bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $py -c 'import torch, triton, transformers, accelerate; print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"transformers\", transformers.__version__, \"accelerate\", accelerate.__version__)'; git log --oneline -1 2>/dev/null || true"
 part 180 "GPU tests" "$py" -m pytest tests/gpu -q -p no:cacheprovider -o addopts="" -rs
 common=(--only AdamW --exclude ", foreach" "two calls" --repeats 20 --rounds 3)

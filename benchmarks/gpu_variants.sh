@@ -19,18 +19,13 @@
 # branch with `git diff main BRANCH > benchmarks/gpu_variants/NAME.patch`
 # (tests/unit/test_benchmarks_smoke.py checks that every patch applies).
 set -uo pipefail
-case "${1:-}" in
-  -h|--help) sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-  -*) echo "usage: bash $0 [OUT_DIR]   (--help for what it runs)" >&2; exit 2 ;;
-esac
+source "$(dirname "$0")/_gpu_common.sh"
+help_or_usage "${1:-}"
 cd "$(dirname "$0")/.."
 root=$PWD
 out=${1:-benchmarks/results/gpu_variants}
 py=${PYTHON:-python3}
-if ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  echo "gpu_variants.sh: torch ($py) sees no CUDA device here; this script measures a GPU" >&2
-  exit 2
-fi
+require_cuda gpu_variants.sh
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 log="$out/run.log"
@@ -38,14 +33,6 @@ log="$out/run.log"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-part() {  # part SECONDS TITLE COMMAND...: run with a limit, log, and go on whatever it returns
-  local limit=$1 title=$2
-  shift 2
-  local t0=$SECONDS
-  echo "=== $title (limit ${limit}s): $*" | tee -a "$log"
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
-  echo "=== $title: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$log"
-}
 run_variant() {  # run_variant NAME DIR: the GPU kernel tests and the 404M/1B kernel table of the tree in DIR
   local name=$1 dir=$2
   part 150 "$name: GPU kernel tests" env PYTHONPATH="$dir" "$py" -m pytest "$dir/tests/gpu/test_cuda.py" -q \

@@ -146,11 +146,13 @@ def test_gpu_round_help_and_refusal_without_cuda(tmp_path):
     assert helped.returncode == 0 and "OUT_DIR" in helped.stdout and "optimizer_overhead.py" in helped.stdout
     bad = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True, timeout=60, env=env)
     assert bad.returncode == 2 and "usage" in bad.stderr
-    import torch
+    _refuses_without_cuda(script, tmp_path / "round", env)
 
+
+def _refuses_without_cuda(script, out, env):
+    """A GPU script run where torch sees no CUDA device exits 2 before writing anything."""
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: the refusal is for machines without one")
-    out = tmp_path / "round"
     proc = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr, proc.stderr
     assert not out.exists()
@@ -170,9 +172,4 @@ def test_gpu_variants_help_refusal_and_patches_that_apply(tmp_path):
         proc = subprocess.run(["patch", "--dry-run", "-s", "-p1", "-d", str(ROOT), "-i", str(patch_file)],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, (patch_file.name, proc.stdout + proc.stderr)
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA device is present: the refusal is for machines without one")
-    out = tmp_path / "variants"
-    proc = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 2 and "no CUDA device" in proc.stderr, proc.stderr
-    assert not out.exists()
+    _refuses_without_cuda(script, tmp_path / "variants", env)
