@@ -4,6 +4,10 @@
 #   require_cuda NAME: exit 2 where torch ($py) sees no CUDA device, before anything is written
 #   part SECONDS TITLE COMMAND...: run with a time limit, print and log ($log) all it prints, and go on
 #   whatever it returns (one part that hangs or fails cannot take the others with it)
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then  # run rather than sourced (--help or not): say what this file is
+  sed -n '1,/^if /p' "$0" | sed '$d; s/^# \{0,1\}//'
+  exit 0
+fi
 help_or_usage() {
   case "$1" in
     -h|--help) sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
