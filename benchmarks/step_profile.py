@@ -13,9 +13,9 @@ named part is "rest of step()". ``torch.optim.AdamW`` (fused) steps the same ten
 add a little to every part; read the shares.
 
 The "torch ops" column counts the torch operations each part dispatches in one step (counted in one
-extra step, outside the timed ones), leaving out those inside the kernels themselves.  On a GPU nearly
-every one of them is a kernel launch and ~5-20 us of host time, so this column is the host work of
-the CUDA path that a CPU can count exactly.  ``--kernels triton`` steps the CPU tensors with the Triton
+extra step, outside the timed ones), leaving out those inside the kernels themselves.  On a GPU each of
+them that computes (all but views) is a kernel launch and ~5-20 us of host time, so this column is the
+host work of the CUDA path that a CPU can count exactly.  ``--kernels triton`` steps the CPU tensors with the Triton
 kernels in Triton's interpreter (``TRITON_INTERPRET=1``; ``bash scripts/setup.sh test`` installs Triton
 into ``.triton_interpreter/`` where ``pip install triton`` is not wanted): the Python around the kernels
 is then the CUDA path's, line for line, while the kernels' own times are the interpreter's and mean

@@ -167,7 +167,7 @@ class AMAdamW(AMOptimizer):
         The Trainer's two groups (decay on matrices, none on norms) share lr, betas and eps; each
         call costs tens of microseconds of host work on top of the per-group scalar arithmetic,
         which at small models is most of AM's extra time (on a GPU: a Triton launch per phase and
-        ~25 torch ops, each a launch, per group and step).  The kernels take the decay per tensor,
+        ~25 torch ops, most of them launches, per group and step).  The kernels take the decay per tensor,
         and every other per-tensor value is computed elementwise as it would be per group, so the
         results are the same bits (tests/unit/test_merged_kernel_calls.py for the C set; the Triton
         set in Triton's interpreter, tests/battery/test_triton_interpreter.py).

@@ -137,7 +137,7 @@ class BetaStatistics:
             return torch.full((8,), math.nan, dtype=torch.float64)
         # Called every step by the Trainer callback: one stack of every key (widened to the widest dtype,
         # exactly), one conversion to float64 and one reduction per kind, rather than ops per key or per
-        # scope: on a GPU every op is a launch and some microseconds of host time.
+        # scope: on a GPU every op that computes is a launch and some microseconds of host time.
         keys = (BETA, APPLIED, RESTARTS, FALLBACKS)
         if all(APPLIED in s and FALLBACKS in s for s in reps):
             rows = torch.stack([s[key] for key in keys for s in reps]).view(len(keys), -1).double()

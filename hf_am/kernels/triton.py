@@ -221,7 +221,7 @@ def _scalars(values, like: torch.Tensor, n: int) -> torch.Tensor:
     read one entry per tensor.
 
     Most of a step's scalars already are such vectors (computed on the device in the accumulation
-    dtype), and they are handed over as they are: every op here is a launch and some microseconds of
+    dtype), and they are handed over as they are: every op that computes is a launch and some microseconds of
     host time on a GPU.  Another vector of ``n`` on the device is converted (one op), a 0-dim tensor on
     the device is broadcast (no read of its value: that would synchronise), and a Python number or a
     CPU 0-dim tensor is a fill on the device, never a synchronising transfer.  Anything else raises

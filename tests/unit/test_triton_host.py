@@ -68,7 +68,8 @@ def test_per_tensor_sums_are_the_float64_sums_of_each_tensors_programs(numels):
     once; an empty tensor still owns one program (whose partial sum the kernel writes as zeros)."""
     blocks = triton_kernels._Blocks(numels, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
-    partial = torch.randn(blocks.n_programs, 3, generator=gen) * 10.0 ** torch.randint(-3, 4, (blocks.n_programs, 1), generator=gen)
+    magnitudes = 10.0 ** torch.randint(-3, 4, (blocks.n_programs, 1), generator=gen)
+    partial = torch.randn(blocks.n_programs, 3, generator=gen) * magnitudes
     running = torch.cat((torch.zeros(1, 3, dtype=torch.float64), partial.double().cumsum(0)))
     expected, first = [], 0
     for n in numels:
