@@ -190,7 +190,7 @@ class AMAdamW(AMOptimizer):
         decays = tuple(m.group["weight_decay"] for m in members for _ in m.params)
         first = members[0]
         group = dict(first.group)  # lr, betas, eps and the Restart flag are the members' own (_merge_key)
-        # on the parameters' device: the Triton update forms 1 - lr * wd there, with no transfer per step
+        # on the parameters' device: the Triton update forms 1 - lr * wd there, with no transfer after the first step
         group["weight_decay"] = self._device_constants.vector(decays, first.local_params[0].device)
         complete = all(m.state_tensors is not None and len(m.state_tensors) == 2 for m in members)
         return GroupPlan(

@@ -12,8 +12,6 @@ from typing import Any, Callable, Dict, Hashable, List, Tuple
 
 import torch
 
-from .kernels.interface import to_device
-
 _LIMIT = 256  # entries; gradients of ZeRO-3 sub-groups etc. may make many distinct keys
 
 
@@ -48,8 +46,12 @@ class DeviceConstants:
 
     def index(self, ids: List[int], device) -> torch.Tensor:
         """``ids`` as a ``long`` tensor on ``device``."""
-        return self.get(("index", device, tuple(ids)), lambda: to_device(ids, torch.long, device))
+        return self.get(("index", device, tuple(ids)), lambda: torch.tensor(ids, dtype=torch.long, device=device))
 
     def vector(self, values: Tuple[float, ...], device) -> torch.Tensor:
-        """``values`` as a float64 vector on ``device`` (per-tensor hyperparameters of merged groups)."""
-        return self.get(("vector", device, values), lambda: to_device(list(values), torch.float64, device))
+        """``values`` as a float64 vector on ``device`` (per-tensor hyperparameters of merged groups).
+
+        Built once per values and device, as :meth:`index`: a plain (synchronising) copy the first time,
+        not a non-blocking one from pinned memory, because a first build inside a CUDA-graph capture
+        must fail loudly rather than leave the graph copying from a host buffer that is freed after it."""
+        return self.get(("vector", device, values), lambda: torch.tensor(values, dtype=torch.float64, device=device))
