@@ -78,10 +78,22 @@ class KernelSet(Protocol):
 def to_device(values, dtype: torch.dtype, device) -> torch.Tensor:
     """A small host table (nested Python lists of numbers) as a tensor on ``device``, without
     synchronising: through pinned memory and a non-blocking copy, where a plain ``torch.tensor(...,
-    device=cuda)`` copies from pageable memory and waits for the stream (and would stall a step)."""
+    device=cuda)`` copies from pageable memory and waits for the stream (and would stall a step).
+
+    Refused while the current CUDA stream is being captured into a graph: the captured copy would read
+    the host buffer again at every replay, after the buffer was freed and reused.  The kernels build
+    their tables before any launch, so the step that raises has changed nothing."""
     host = torch.tensor(values, dtype=dtype)
     if torch.device(device).type == "cpu":
         return host
+    if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "hf_am: the Triton kernels met tensors for the first time while a CUDA graph was being captured "
+            "(a table of their pointers or sizes would be copied from host memory that the replays would "
+            "read after it is freed). Run warm-up steps before capturing, with the same parameters, "
+            "gradients (zero_grad(set_to_none=False) keeps them) and state, as torch's graph recipe does. "
+            "Nothing was changed by this step."
+        )
     if torch.cuda.is_available():
         host = host.pin_memory()
     return host.to(device, non_blocking=True)

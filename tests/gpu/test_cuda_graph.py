@@ -94,3 +94,30 @@ def test_graph_replay_equals_eager_bf16(name):
     eager_params, _ = _run(name, {"scope": "tensor"}, graph=False, dtype=torch.bfloat16)
     graph_params, _ = _run(name, {"scope": "tensor"}, graph=True, dtype=torch.bfloat16)
     assert all(torch.equal(a, b) for a, b in zip(eager_params, graph_params))
+
+
+def test_a_capture_that_meets_new_tensors_refuses_before_any_launch():
+    """New gradient tensors at capture time (not those of the warm-up): the kernels would build their pointer
+    table inside the capture, from host memory the replays would read after it is freed.  The step raises,
+    naming the remedy, and the parameters and state are those of the warm-up."""
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in SHAPES]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-2
+    opt = AMAdamW(params, lr=torch.tensor(1e-2, device="cuda"))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-2  # new storage: a table the warm-up never built
+    before = [p.detach().clone() for p in params]
+    state = [v.clone() for p in params for v in opt.state[p].values() if torch.is_tensor(v)]
+    with pytest.raises(RuntimeError, match="first time while a CUDA graph was being captured.*Nothing was changed"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            opt.step()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, p) for a, p in zip(before, params))
+    assert all(torch.equal(a, b) for a, b in zip(state, (v for p in params for v in opt.state[p].values() if torch.is_tensor(v))))
