@@ -72,8 +72,9 @@ def record_step(optimizer, plans: List[GroupPlan], coefficients, device, loss, w
         # The sources are views of a reused scratch: unbinding `values` anew would build one view per
         # destination every step (~90 us at 234 scalars on CPU, more than the copies themselves).  One
         # cat writes every value into it, widened to the counts' dtype (exactly) on the way.
-        if sum(v.numel() for v in values) != len(destinations):  # cat would resize the cached scratch
-            raise RuntimeError(f"hf_am: {sum(v.numel() for v in values)} values for {len(destinations)} scalars")
+        n_values = sum(v.numel() for v in values)
+        if n_values != len(destinations):  # cat would resize the cached scratch
+            raise RuntimeError(f"hf_am: {n_values} values for {len(destinations)} scalars")
         staging, sources = optimizer._device_constants.staging(len(destinations), counts.dtype, counts.device)
         torch.cat(values, out=staging)
         torch._foreach_copy_(destinations, sources)

@@ -174,3 +174,11 @@ class CountedCalls:
 
     def __exit__(self, *exc):
         setattr(self.owner, self.name, self.inner)
+
+
+def param_and_state_tensors(params, optimizer) -> List[torch.Tensor]:
+    """Every parameter, then every tensor of their optimizer state (keys sorted): what two runs that
+    must agree bit for bit are compared on."""
+    params = list(params)
+    state = [v for p in params for _, v in sorted(optimizer.state[p].items()) if torch.is_tensor(v)]
+    return [p.detach() for p in params] + state

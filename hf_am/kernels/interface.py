@@ -84,9 +84,10 @@ def to_device(values, dtype: torch.dtype, device) -> torch.Tensor:
     the host buffer again at every replay, after the buffer was freed and reused.  The kernels build
     their tables before any launch, so the step that raises has changed nothing."""
     host = torch.tensor(values, dtype=dtype)
-    if torch.device(device).type == "cpu":
+    kind = torch.device(device).type
+    if kind == "cpu":
         return host
-    if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if kind == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             "hf_am: the Triton kernels met tensors for the first time while a CUDA graph was being captured "
             "(a table of their pointers or sizes would be copied from host memory that the replays would "

@@ -22,7 +22,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch  # noqa: E402
 
 from helpers import (  # noqa: E402
-    CountedCalls, max_param_diff, per_group_am_adamw, train, trainer_split, two_groups,
+    CountedCalls, max_param_diff, param_and_state_tensors, per_group_am_adamw, train, trainer_split, two_groups,
 )
 
 import hf_am.kernels  # noqa: E402
@@ -143,9 +143,8 @@ def merged_cases():
             batches = [(torch.randn(8, 130, generator=g), torch.randn(8, 3, generator=g)) for _ in range(5)]
             with CountedCalls(triton_kernels, "adamw_sums") as launches:
                 train(model, opt, batches, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s % 3)))
-            tensors = [p.detach() for p in model.parameters()]
-            tensors += [v for p in model.parameters() for _, v in sorted(opt.state[p].items()) if torch.is_tensor(v)]
-            runs.append((tensors, opt.beta_summary_tensor(), launches.calls / len(batches)))
+            runs.append((param_and_state_tensors(model.parameters(), opt), opt.beta_summary_tensor(),
+                         launches.calls / len(batches)))
         (a, summary_a, per_step_a), (b, summary_b, per_step_b) = runs
         out[scope] = {
             "bits_equal": len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b)),

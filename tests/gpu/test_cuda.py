@@ -11,7 +11,8 @@ import torch
 
 from hf_am import AMAdamW, AMSGD
 from helpers import (
-    CountedCalls, loss_fn, make_batches, make_model, max_param_diff, per_group_am_adamw, train, trainer_split, two_groups,
+    CountedCalls, loss_fn, make_batches, make_model, max_param_diff, param_and_state_tensors, per_group_am_adamw, train,
+    trainer_split, two_groups,
 )
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -169,9 +170,7 @@ def test_groups_that_differ_only_in_weight_decay_take_one_launch_per_phase_on_cu
         train(model, opt, batches[:1])
         with CountedCalls(triton_kernels, "adamw_sums") as launches:
             _steps_without_sync(model, opt, batches[1:])
-        tensors = [p.detach() for p in model.parameters()]
-        tensors += [v for p in model.parameters() for _, v in sorted(opt.state[p].items()) if torch.is_tensor(v)]
-        results.append((tensors, launches.calls))
+        results.append((param_and_state_tensors(model.parameters(), opt), launches.calls))
     (merged, merged_calls), (per_group, per_group_calls) = results
     assert (merged_calls, per_group_calls) == (4, 8)
     assert len(merged) == len(per_group) and all(torch.equal(a, b) for a, b in zip(merged, per_group))

@@ -14,12 +14,24 @@ import pytest
 import torch
 
 from hf_am import AMAdamW, AMSGD
+from helpers import param_and_state_tensors
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 OPTIMIZERS = {"am_adamw": AMAdamW, "am_sgd": AMSGD}
 SHAPES = [(64, 48), (48,), (96, 64), (7,)]
 WARMUP, REPLAYS = 3, 8
+
+
+def _warm_up(opt, load=lambda k: None) -> None:
+    """WARMUP steps off the capture stream (torch's recipe), ``load(k)`` before step k."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for k in range(WARMUP):
+            load(k)
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
 
 
 def _run(name, kwargs, graph: bool, dtype=torch.float32):
@@ -47,13 +59,7 @@ def _run(name, kwargs, graph: bool, dtype=torch.float32):
             load(k)
             opt.step()
     else:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture stream (torch's recipe)
-            for k in range(WARMUP):
-                load(k)
-                opt.step()
-        torch.cuda.current_stream().wait_stream(side)
+        _warm_up(opt, load)
         step = torch.cuda.CUDAGraph()
         with torch.cuda.graph(step):
             opt.step()
@@ -104,20 +110,14 @@ def test_a_capture_that_meets_new_tensors_refuses_before_any_launch():
     for p in params:
         p.grad = torch.randn_like(p) * 1e-2
     opt = AMAdamW(params, lr=torch.tensor(1e-2, device="cuda"))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(WARMUP):
-            opt.step()
-    torch.cuda.current_stream().wait_stream(side)
+    _warm_up(opt)
     torch.cuda.synchronize()
     for p in params:
         p.grad = torch.randn_like(p) * 1e-2  # new storage: a table the warm-up never built
-    before = [p.detach().clone() for p in params]
-    state = [v.clone() for p in params for v in opt.state[p].values() if torch.is_tensor(v)]
+    before = [t.clone() for t in param_and_state_tensors(params, opt)]
     with pytest.raises(RuntimeError, match="first time while a CUDA graph was being captured.*Nothing was changed"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             opt.step()
     torch.cuda.synchronize()
-    assert all(torch.equal(a, p) for a, p in zip(before, params))
-    assert all(torch.equal(a, b) for a, b in zip(state, (v for p in params for v in opt.state[p].values() if torch.is_tensor(v))))
+    after = param_and_state_tensors(params, opt)
+    assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(before, after))
